@@ -1,0 +1,167 @@
+"""The child process's main loop.
+
+Runs in each pool child: pin to a CPU, initialise like a prefork child (Celery's
+``process_initializer``), then receive `RunJob`s one at a time, announce each with
+`JobAccepted`, run it, and answer with `JobFinished`. A planned exit (max tasks, max memory,
+a drain request) is announced with `ChildExiting` first.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from celery_adaptive import protocol
+from celery_adaptive.protocol import ChildExiting, ChildReady, JobAccepted, JobFinished, RunJob, StopChild
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """What a child needs to know, passed as the process argument (pickled under spawn)."""
+
+    slot: int
+    cpu: int | None
+    initializer_args: tuple[Any, ...]  # (app, hostname), as prefork's process_initializer wants
+    max_tasks: int | None
+    max_memory_kib: int | None
+    start_method: str
+    task_modules: tuple[str, ...]  # imported first under spawn so the task registry is filled
+
+
+class _SoftLimitGuard:
+    """Raise SoftTimeLimitExceeded on SIGUSR1, but only while a task runs.
+
+    The parent may send the signal just as a task finishes; raising then would break the
+    loop's own bookkeeping, so outside a task the signal is ignored.
+    """
+
+    def __init__(self) -> None:
+        self.running = False
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.running:
+            from billiard.exceptions import SoftTimeLimitExceeded
+
+            raise SoftTimeLimitExceeded()
+
+
+def _peak_rss_kib() -> int:
+    # ru_maxrss is KiB on Linux; prefork (billiard) compares the same figure.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _send(conn: Any, message: protocol.ChildMessage) -> None:
+    conn.send_bytes(protocol.encode(message))
+
+
+def _encode_result(job_id: int, value: Any, runtime: float) -> bytes:
+    try:
+        return protocol.encode(JobFinished(job_id, True, value, runtime))
+    except Exception as exc:  # unpicklable result: report it the way billiard does
+        from billiard.einfo import ExceptionInfo
+        from billiard.pool import MaybeEncodingError
+
+        try:
+            raise MaybeEncodingError(exc, value)
+        except MaybeEncodingError:
+            einfo = ExceptionInfo()
+        return protocol.encode(JobFinished(job_id, False, einfo, runtime))
+
+
+def _initialise(spec: ChildSpec) -> int | None:
+    from celery_adaptive.placement import pin_current_process
+
+    cpu = pin_current_process(spec.cpu)
+    try:
+        # Celery may have replaced sys.stderr with a logging proxy that has no fd.
+        faulthandler.enable(file=sys.__stderr__)
+    except (AttributeError, ValueError, OSError):
+        pass
+    if spec.start_method != "fork":
+        # A fresh interpreter: tell Celery so (see the contract, start methods) and load the
+        # modules that define tasks before the app is set up.
+        import billiard
+
+        billiard.set_start_method(spec.start_method, force=True)
+        os.environ["FORKED_BY_MULTIPROCESSING"] = "1"
+        for module in spec.task_modules:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:
+                print(f"celery-adaptive child: cannot import {module}: {exc!r}", file=sys.stderr)
+    from celery.concurrency.prefork import process_initializer
+
+    process_initializer(*spec.initializer_args)
+    return cpu
+
+
+def child_main(conn: Any, spec: ChildSpec) -> None:
+    """Entry point of a pool child (the target of its Process)."""
+    cpu = _initialise(spec)
+    guard = _SoftLimitGuard()
+    # After process_initializer, which resets SIGUSR1 to the default action.
+    signal.signal(signal.SIGUSR1, guard.handler)
+    pid = os.getpid()
+    exitcode = 0
+    done = 0
+    _send(conn, ChildReady(pid, cpu))
+    try:
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                break  # the parent is gone
+            message = protocol.decode(data)
+            if isinstance(message, StopChild):
+                _send(conn, ChildExiting(pid, "stop", message.reason))
+                break
+            if not isinstance(message, RunJob):
+                continue
+            _send(conn, JobAccepted(message.job_id, pid, time.monotonic()))
+            started = time.monotonic()
+            guard.running = True
+            try:
+                value = message.target(*message.args, **message.kwargs)
+                ok = True
+            except Exception:
+                from billiard.einfo import ExceptionInfo
+
+                value, ok = ExceptionInfo(), False
+            finally:
+                guard.running = False
+            runtime = time.monotonic() - started
+            if ok:
+                payload = _encode_result(message.job_id, value, runtime)
+            else:
+                payload = protocol.encode(JobFinished(message.job_id, False, value, runtime))
+            conn.send_bytes(payload)
+            del value, message, payload
+            done += 1
+            if spec.max_tasks and done >= spec.max_tasks:
+                _send(conn, ChildExiting(pid, "max-tasks", f"{done} tasks"))
+                break
+            if spec.max_memory_kib and _peak_rss_kib() > spec.max_memory_kib:
+                _send(
+                    conn,
+                    ChildExiting(pid, "max-memory", f"{_peak_rss_kib()} KiB > {spec.max_memory_kib} KiB"),
+                )
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        exitcode = 1
+    finally:
+        try:
+            from celery.concurrency.prefork import process_destructor
+
+            process_destructor(pid, exitcode)
+        except Exception:
+            pass
+        conn.close()
+

@@ -1,0 +1,287 @@
+"""How many children to run: a Forecast and the current size in, a ScalingDecision out.
+
+Data flow::
+
+    Forecast(predicted_rate λ, service_time S, backlog Q)
+        └─► children_needed: smallest c with Erlang-C wait <= target, for λ_eff = λ + excess(Q)/D
+              └─► desired = clamp(needed, min_children, max_children)
+                    ├─► up:   desired > current        -> at once, at most max_step_up more
+                    ├─► down: max(desired over the last stabilization_s) < current
+                    │                                  -> at most max_step_down fewer
+                    └─► hold: otherwise
+
+The sizing formula (M/M/c with a backlog term):
+
+* The pool is modelled as M/M/c: Poisson arrivals at λ = ``forecast.predicted_rate``, mean
+  service time S = ``forecast.service_time``, c children, offered load a = λ·S. The expected
+  wait in the queue is Erlang C: ``Wq(c) = C(c, a) · S / (c − a)`` for c > a, else infinite.
+* A backlog beyond what a pool meeting the target would hold anyway (by Little's law at most
+  λ·W tasks, W = ``target_wait_s``) is treated as extra arrivals spread over the drain horizon
+  D = ``drain_s``: ``λ_eff = λ + max(0, Q − λ·W) / D``. So a burst that already queued 100
+  tasks of 50 ms asks for about 100·0.05/D = 5 more children, and a normal small queue asks for
+  nothing extra.
+* ``needed`` is the smallest c with ``Wq(c; λ_eff, S) <= W``; 0 when there is no load.
+
+Scale-down follows Kubernetes' HPA: the controller remembers each desired size for
+``stabilization_s`` and shrinks only to the largest of them, so the pool gets smaller only after
+demand has been lower for the whole window, and a single quiet second never undoes a burst.
+Nothing here reads a clock: ``now`` is passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+from celery_adaptive.predictor import Forecast
+
+__all__ = ["Controller", "Direction", "ScalingDecision", "children_needed", "erlang_c_wait"]
+
+Direction = Literal["up", "down", "hold"]
+
+
+@dataclass(frozen=True)
+class ScalingDecision:
+    """One controller decision: what to do with the pool, and why, in a sentence."""
+
+    at: float
+    current: int
+    """Children the caller had (starting, idle or busy; not draining)."""
+    desired: int
+    """What this forecast alone asks for, within [min_children, max_children]."""
+    target: int
+    """What the pool should have now, after step limits and scale-down stabilization."""
+    direction: Direction
+    reason: str
+
+
+def _check_rate_and_time(arrival_rate: float, service_time: float) -> None:
+    if not (arrival_rate >= 0 and math.isfinite(arrival_rate)):
+        raise ValueError(f"invalid arrival_rate={arrival_rate!r}: must be a finite number >= 0")
+    if not (service_time >= 0 and math.isfinite(service_time)):
+        raise ValueError(f"invalid service_time={service_time!r}: must be a finite number >= 0")
+
+
+def erlang_c_wait(servers: int, arrival_rate: float, service_time: float) -> float:
+    """Expected seconds a task waits in the queue of an M/M/c system (inf when unstable).
+
+    Erlang B is computed by its recurrence ``B(k) = a·B(k−1) / (k + a·B(k−1))``, which never
+    forms a^c or c! and so stays finite for thousands of servers; Erlang C follows from it.
+    """
+    if servers < 0:
+        raise ValueError(f"invalid servers={servers!r}: must be >= 0")
+    _check_rate_and_time(arrival_rate, service_time)
+    if arrival_rate == 0:
+        return 0.0
+    load = arrival_rate * service_time
+    if servers == 0 or load >= servers:
+        return math.inf
+    blocking = 1.0
+    for k in range(1, servers + 1):
+        blocking = load * blocking / (k + load * blocking)
+    return _wait_from_blocking(servers, load, blocking, service_time)
+
+
+def _wait_from_blocking(servers: int, load: float, blocking: float, service_time: float) -> float:
+    waiting = servers * blocking / (servers - load * (1.0 - blocking))  # Erlang C
+    return waiting * service_time / (servers - load)
+
+
+def children_needed(
+    arrival_rate: float,
+    service_time: float,
+    target_wait_s: float,
+    *,
+    backlog: int = 0,
+    drain_s: float = 1.0,
+    limit: int | None = None,
+) -> int:
+    """Smallest number of children whose M/M/c queue wait is <= ``target_wait_s``.
+
+    The backlog beyond ``arrival_rate · target_wait_s`` counts as extra arrivals over
+    ``drain_s`` seconds (see the module docstring). With ``limit``, the search stops there and
+    returns ``limit``: a caller that clamps to a maximum need not pay to learn how far beyond it
+    the need goes.
+    """
+    _check_rate_and_time(arrival_rate, service_time)
+    if not (target_wait_s > 0 and math.isfinite(target_wait_s)):
+        raise ValueError(f"invalid target_wait_s={target_wait_s!r}: must be a finite number > 0")
+    if backlog < 0:
+        raise ValueError(f"invalid backlog={backlog!r}: must be >= 0")
+    if not (drain_s > 0 and math.isfinite(drain_s)):
+        raise ValueError(f"invalid drain_s={drain_s!r}: must be a finite number > 0")
+    if limit is not None and limit < 0:
+        raise ValueError(f"invalid limit={limit!r}: must be >= 0")
+    excess = max(0.0, backlog - arrival_rate * target_wait_s)
+    rate = arrival_rate + excess / drain_s
+    if rate == 0:
+        return 0
+    load = rate * service_time
+    # One pass of the Erlang B recurrence serves every candidate c, so the search is O(c).
+    blocking = 1.0
+    servers = 0
+    while limit is None or servers < limit:
+        servers += 1
+        blocking = load * blocking / (servers + load * blocking)
+        if servers > load and _wait_from_blocking(servers, load, blocking, service_time) <= (
+            target_wait_s
+        ):
+            return servers
+    return servers
+
+
+def _check_bounds(min_children: int, max_children: int) -> None:
+    if min_children < 1:
+        raise ValueError(f"invalid min_children={min_children!r}: must be >= 1")
+    if max_children < min_children:
+        raise ValueError(
+            f"invalid max_children={max_children!r}: must be >= min_children={min_children}"
+        )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+class Controller:
+    """Turns forecasts into pool sizes: up at once, down slowly, always within bounds.
+
+    The caller applies ``decision.target`` (starting children, or draining the surplus so no
+    task is dropped) and passes the resulting size back as ``current`` next time.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_children: int,
+        max_children: int,
+        target_wait_s: float = 0.2,
+        stabilization_s: float = 30.0,
+        max_step_up: int | None = None,
+        max_step_down: int = 1,
+        drain_s: float = 1.0,
+    ) -> None:
+        _check_bounds(min_children, max_children)
+        if not (target_wait_s > 0 and math.isfinite(target_wait_s)):
+            raise ValueError(f"invalid target_wait_s={target_wait_s!r}: must be a finite number > 0")
+        if not (stabilization_s >= 0 and math.isfinite(stabilization_s)):
+            raise ValueError(
+                f"invalid stabilization_s={stabilization_s!r}: must be a finite number >= 0"
+            )
+        if max_step_up is not None and max_step_up < 1:
+            raise ValueError(f"invalid max_step_up={max_step_up!r}: must be >= 1 or None")
+        if max_step_down < 1:
+            raise ValueError(f"invalid max_step_down={max_step_down!r}: must be >= 1")
+        if not (drain_s > 0 and math.isfinite(drain_s)):
+            raise ValueError(f"invalid drain_s={drain_s!r}: must be a finite number > 0")
+        self.min_children = min_children
+        self.max_children = max_children
+        self.target_wait_s = target_wait_s
+        self.stabilization_s = stabilization_s
+        self.max_step_up = max_step_up
+        self.max_step_down = max_step_down
+        self.drain_s = drain_s
+        # Desired sizes of the stabilization window as a monotonic deque (values strictly
+        # decreasing from the left), so the window's maximum is always the leftmost entry.
+        self._window: deque[tuple[float, int]] = deque()
+        self._first_at: float | None = None
+        self._last_at: float | None = None
+
+    def set_bounds(self, min_children: int, max_children: int) -> None:
+        """Change the bounds (``--autoscale``, remote control); the next decision obeys them."""
+        _check_bounds(min_children, max_children)
+        self.min_children = min_children
+        self.max_children = max_children
+
+    def decide(self, now: float, forecast: Forecast, current: int) -> ScalingDecision:
+        """Decide the pool size for ``now`` given the forecast and ``current`` children."""
+        if not math.isfinite(now):
+            raise ValueError(f"invalid now={now!r}: must be a finite time")
+        if self._last_at is not None and now < self._last_at:
+            # One loop on one monotonic clock makes the decisions; going back is a caller bug.
+            raise ValueError(f"invalid now={now!r}: earlier than the last decision {self._last_at}")
+        if current < 0:
+            raise ValueError(f"invalid current={current!r}: must be >= 0")
+        self._last_at = now
+        if self._first_at is None:
+            self._first_at = now
+
+        low, high = self.min_children, self.max_children
+        needed = children_needed(
+            forecast.predicted_rate,
+            forecast.service_time,
+            self.target_wait_s,
+            backlog=forecast.backlog,
+            drain_s=self.drain_s,
+            limit=high + 1,
+        )
+        desired = min(max(needed, low), high)
+        peak = self._remember(now, desired)
+        why = self._explain(forecast, needed)
+
+        def decision(target: int, direction: Direction, reason: str) -> ScalingDecision:
+            return ScalingDecision(now, current, desired, target, direction, reason)
+
+        # Bounds are orders, not forecasts: they apply at once and ignore step limits.
+        if current > high:
+            return decision(high, "down", f"down {current}->{high}: above the maximum {high}; {why}")
+        if desired > current:
+            step = desired - current if self.max_step_up is None else self.max_step_up
+            target = max(low, min(desired, current + step))
+            if current < low:
+                note = f" (below the minimum {low})"
+            elif target < desired:
+                note = f" (step limited to +{step})"
+            else:
+                note = ""
+            return decision(target, "up", f"up {current}->{target}{note}: {why}")
+
+        stabilized = min(peak, high)
+        waited = now - self._first_at >= self.stabilization_s
+        if stabilized < current and waited:
+            target = max(stabilized, current - self.max_step_down)
+            return decision(
+                target,
+                "down",
+                f"down {current}->{target}: demand stayed at or below {stabilized} children "
+                f"for {self.stabilization_s:g} s; {why}",
+            )
+        if stabilized < current:
+            return decision(
+                current,
+                "hold",
+                f"hold {current}: {why}; shrinking only after {self.stabilization_s:g} s of "
+                f"lower demand",
+            )
+        if desired < current:
+            return decision(
+                current,
+                "hold",
+                f"hold {current}: {why}; {stabilized} were needed within the last "
+                f"{self.stabilization_s:g} s",
+            )
+        return decision(current, "hold", f"hold {current}: {why}")
+
+    def _remember(self, now: float, desired: int) -> int:
+        """Add this desired size to the window and return the window's maximum."""
+        while self._window and self._window[-1][1] <= desired:
+            self._window.pop()
+        self._window.append((now, desired))
+        horizon = now - self.stabilization_s
+        while self._window[0][0] < horizon:
+            self._window.popleft()
+        return self._window[0][1]
+
+    def _explain(self, forecast: Forecast, needed: int) -> str:
+        load = (
+            f"forecast {forecast.predicted_rate:.1f}/s x {_ms(forecast.service_time)}"
+            f" with backlog {forecast.backlog}"
+        )
+        wait = f"wait <= {_ms(self.target_wait_s)}"
+        if needed > self.max_children:
+            return f"{load} needs more than the maximum {self.max_children} children for {wait}"
+        if needed < self.min_children:
+            return f"{load} needs {needed}, kept at the minimum {self.min_children}"
+        return f"{load} needs {needed} children for {wait}"

@@ -1,0 +1,313 @@
+"""The Celery adapter: a thin `BasePool` subclass with no policy in it.
+
+It translates Celery's calls (see ../shared/celery-pool-contract.md) into the supervisor's,
+and the supervisor's results back into Celery's callbacks. Scheduling lives in
+`scheduler`, sizing in `controller`, process management in `supervisor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+from celery import bootsteps, signals
+from celery.concurrency.base import BasePool
+
+from celery_adaptive import placement
+from celery_adaptive.child import ChildSpec, child_main
+from celery_adaptive.jobs import Job
+from celery_adaptive.scheduler import Scheduler
+from celery_adaptive.settings import PoolSettings, build_settings
+from celery_adaptive.supervisor import ChildState, Supervisor, SupervisorHooks, pids
+
+logger = logging.getLogger("celery_adaptive")
+
+
+class _ConsumerLink(bootsteps.StartStopStep):
+    """Gives the pool a reference to the consumer, to move prefetch with capacity
+    (contract section 5). Celery has no public way to reach the consumer from the pool."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+
+    def start(self, c: Any) -> None:
+        pool = getattr(c, "pool", None)
+        if isinstance(pool, Pool):
+            pool.consumer = c
+
+
+def _run_ready_ack_callbacks(hub: Any) -> None:
+    """Run only the ack/reject promises Celery queued on the hub (prefork does the same while
+    it joins at warm shutdown; the transport's own reader is put back for ``hub.close``)."""
+    from kombu.message import Message
+
+    pop_ready = getattr(hub, "_pop_ready", None)
+    if pop_ready is None:
+        return
+    ready = pop_ready()
+    while ready:
+        callback = ready.pop()
+        fun = getattr(callback, "fun", None)
+        is_ack = isinstance(getattr(fun, "__self__", None), Message) and getattr(
+            fun, "__name__", None
+        ) in ("ack_log_error", "reject_log_error")
+        if not is_ack:
+            hub.call_soon(callback)
+            continue
+        try:
+            callback()
+        except Exception as exc:
+            hub.on_callback_error(callback, exc)
+
+
+def _task_modules(app: Any) -> tuple[str, ...]:
+    modules = {getattr(task, "__module__", "") for task in app.tasks.values()}
+    return tuple(sorted(m for m in modules if m and not m.startswith("celery.")))
+
+
+class Pool(BasePool):
+    """celery-adaptive: CPU-pinned child processes fed by work-stealing queues."""
+
+    uses_semaphore = False  # the pool queues prefetched tasks itself (the scheduler needs them)
+    is_green = False
+    task_join_will_block = True
+    body_can_be_buffer = False
+    signal_safe = True
+
+    def __init__(
+        self,
+        limit: int | None = None,
+        putlocks: bool = True,
+        forking_enable: bool = True,
+        callbacks_propagate: tuple[Any, ...] = (),
+        app: Any = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(limit, putlocks, forking_enable, callbacks_propagate, app, **options)
+        if self.app is None:
+            from celery import current_app
+
+            self.app = current_app
+        self.consumer: Any = None
+        self.settings: PoolSettings = build_settings(
+            self.app.conf,
+            {
+                "limit": limit,
+                "forking_enable": forking_enable,
+                "maxtasksperchild": options.get("maxtasksperchild"),
+                "max_memory_per_child": options.get("max_memory_per_child"),
+                "soft_timeout": options.get("soft_timeout"),
+                "timeout": options.get("timeout"),
+            },
+        )
+        self._initargs: tuple[Any, ...] = tuple(options.get("initargs") or (self.app, None))
+        self.supervisor: Supervisor | None = None
+        self._install_consumer_link()
+
+    # ------------------------------------------------------------------ setup
+    def _install_consumer_link(self) -> None:
+        steps = self.app.steps["consumer"]
+        if not any(getattr(s, "__name__", "") == "_ConsumerLink" for s in steps):
+            steps.add(_ConsumerLink)
+
+    def _build_supervisor(self) -> Supervisor:
+        import billiard
+
+        settings = self.settings
+        ctx = billiard.get_context(settings.start_method)
+        allowed = placement.allowed_cpus()
+        topology = placement.read_topology()
+        policy = settings.cpu_placement
+        placement.plan_order(policy, topology, allowed)  # validates an explicit list now, at start
+        task_modules = _task_modules(self.app) if settings.start_method != "fork" else ()
+
+        def spec_for_slot(slot: int) -> ChildSpec:
+            return ChildSpec(
+                slot=slot,
+                cpu=placement.plan_cpu(policy, topology, allowed, slot),
+                initializer_args=self._initargs,
+                max_tasks=settings.max_tasks_per_child,
+                max_memory_kib=settings.max_memory_per_child_kib,
+                start_method=settings.start_method,
+                task_modules=task_modules,
+            )
+
+        def process_factory(conn: Any, spec: ChildSpec) -> Any:
+            return ctx.Process(target=child_main, args=(conn, spec), daemon=True)
+
+        hooks = SupervisorHooks(
+            before_create_process=lambda: signals.worker_before_create_process.send(sender=self),
+        )
+        scheduler = Scheduler(
+            window=settings.dispatch_window,
+            long_task_threshold=settings.long_task_threshold,
+            short_task_reserve=settings.short_task_reserve,
+        )
+        return Supervisor(
+            settings, spec_for_slot, process_factory, lambda: ctx.Pipe(duplex=True), scheduler, hooks
+        )
+
+    # ------------------------------------------------------------------ BasePool
+    def on_start(self) -> None:
+        self.supervisor = self._build_supervisor()
+        self.supervisor.start()
+
+    def did_start_ok(self) -> bool:
+        return self.supervisor is not None and self.supervisor.did_start_ok()
+
+    def register_with_event_loop(self, hub: Any) -> None:
+        if self.supervisor is not None:
+            self.supervisor.attach_hub(hub)
+
+    def on_apply(
+        self,
+        target: Any,
+        args: Any = None,
+        kwargs: Any = None,
+        callback: Any = None,
+        accept_callback: Any = None,
+        error_callback: Any = None,
+        timeout_callback: Any = None,
+        soft_timeout: float | None = None,
+        timeout: float | None = None,
+        correlation_id: str | None = None,
+        waitforslot: bool | None = None,
+        callbacks_propagate: tuple[Any, ...] = (),
+        **_ignored: Any,
+    ) -> Job:
+        assert self.supervisor is not None, "the pool was not started"
+        args = tuple(args or ())
+        task_name, key = self._task_identity(target, args)
+        job = Job(
+            self.supervisor.new_job_id(), target, args, dict(kwargs or {}),
+            callback=callback, error_callback=error_callback, accept_callback=accept_callback,
+            timeout_callback=timeout_callback, soft_timeout=soft_timeout, hard_timeout=timeout,
+            correlation_id=correlation_id, task_name=task_name, affinity_key=key,
+            submitted_at=self.supervisor.clock.now(),
+        )
+        self.supervisor.submit(job)
+        return job
+
+    def _task_identity(self, target: Any, args: tuple[Any, ...]) -> tuple[str, str | None]:
+        """The task name and affinity key of a trace call (name, id, request, body, ...)."""
+        name = args[0] if args and isinstance(args[0], str) else getattr(target, "__name__", "?")
+        key: Any = None
+        if len(args) > 2 and isinstance(args[2], dict):
+            key = args[2].get(self.settings.affinity_header)
+        if key is None:
+            task = self.app.tasks.get(name) if isinstance(name, str) else None
+            key = getattr(task, "affinity_key", None) or self.settings.task_affinity.get(name)
+        return name, (None if key is None else str(key))
+
+    def terminate_job(self, pid: int, signal_: int | None = None) -> None:
+        if self.supervisor is not None:
+            self.supervisor.terminate_job(pid, signal_ or signal.SIGTERM)
+
+    def grow(self, n: int = 1) -> None:
+        assert self.supervisor is not None
+        self.supervisor.grow(n)
+        self.limit = self.supervisor.target
+
+    def shrink(self, n: int = 1) -> None:
+        assert self.supervisor is not None
+        self.supervisor.shrink(n)
+        self.limit = self.supervisor.target
+
+    # Celery's autoscaler calls these names on the pool.
+    def shrink_pool(self, n: int = 1) -> None:
+        self.shrink(n)
+
+    def maintain_pool(self, *args: Any, **kwargs: Any) -> None:
+        if self.supervisor is not None:
+            self.supervisor.maintain()
+
+    def restart(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.restart()
+
+    def flush(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.flush()
+
+    def on_close(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.close()
+
+    def on_stop(self) -> None:
+        if self.supervisor is None:
+            return
+        from kombu.asynchronous import get_event_loop
+
+        hub = get_event_loop()
+
+        def run_ready() -> None:
+            if hub is not None:
+                try:
+                    hub.fire_timers(propagate=())
+                except Exception:
+                    logger.debug("timer error during pool stop", exc_info=True)
+                _run_ready_ack_callbacks(hub)
+
+        self.supervisor.join(run_ready)
+
+    def on_terminate(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.terminate()
+
+    @property
+    def num_processes(self) -> int:
+        # Capacity, not the busy count (contract section 2).
+        return self.supervisor.target if self.supervisor is not None else int(self.limit or 0)
+
+    def _get_info(self) -> dict[str, Any]:
+        info = super()._get_info()
+        # The public path users select (the class lives in celery_adaptive.pool).
+        info["implementation"] = "celery_adaptive:Pool"
+        settings = self.settings
+        sup = self.supervisor
+        children = sup.children() if sup is not None else []
+        info.update(
+            {
+                "max-concurrency": sup.target if sup is not None else self.limit,
+                "processes": pids(children),
+                "max-tasks-per-child": settings.max_tasks_per_child or "N/A",
+                "put-guarded-by-semaphore": False,
+                "timeouts": (settings.soft_time_limit or 0, settings.hard_time_limit or 0),
+                "writes": {"total": sum(c.tasks_done for c in children)},
+                "start-method": settings.start_method,
+                "placement": settings.cpu_placement.describe(),
+                "target": sup.target if sup is not None else self.limit,
+                "min-children": settings.min_children,
+                "max-children": settings.max_children,
+                "queued": sup.jobs_queued() if sup is not None else 0,
+                "in-flight": sup.jobs_in_flight() if sup is not None else 0,
+                "children": [
+                    {
+                        "pid": c.pid,
+                        "cpu": c.cpu,
+                        "slot": c.slot,
+                        "state": c.state.value,
+                        "tasks": c.tasks_done,
+                    }
+                    for c in children
+                    if c.state is not ChildState.DEAD
+                ],
+            }
+        )
+        if sup is not None:
+            info["counters"] = dict(sup.counters)
+            counters = sup.scheduler.counters()
+            info["scheduler"] = {
+                "local-hits": counters.local_hits,
+                "steals": counters.steals,
+                "reservations": counters.reservations,
+                "keyed": counters.keyed,
+                "requeued": counters.requeued,
+            }
+        return info
+
+
+__all__ = ["Pool"]

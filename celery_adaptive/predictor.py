@@ -1,0 +1,217 @@
+"""What load is coming: arrival rate, service time and backlog, as numbers.
+
+Data flow::
+
+    record_arrival(now, name) ──► open window count ──(window closes)──► Holt level + trend
+                                         └──────────────────────────────► task-mix weights
+    record_completion(now, name, runtime) ──► per-name EWMA of service time
+    forecast(now, backlog, horizon) ──► Forecast(rate now, rate at now+horizon, mean service time)
+
+The predictor is pure: the caller passes every observation and the current time in, and nothing
+here reads a clock, sleeps or does I/O. Time is only used to decide which window an arrival
+belongs to, so a simulation that passes simulated seconds gets exactly what the pool would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Forecast", "Predictor"]
+
+# Hours of idleness are closed window by window; past this many empty windows whatever is left
+# of level, trend and task mix is below any meaningful rate, so it is dropped in one step.
+_MAX_EMPTY_WINDOWS = 10_000
+# Below this, a rate (tasks/s) or a mix weight is float dust left by geometric decay.
+_NEGLIGIBLE = 1e-9
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """The predictor's view of load at one instant, in the units the controller needs."""
+
+    at: float
+    arrival_rate: float
+    """Tasks/s now: the smoothed level over closed windows."""
+    predicted_rate: float
+    """Tasks/s expected ``horizon_s`` from now: level + trend * horizon, never negative."""
+    trend: float
+    """Change of the arrival rate, in tasks/s per second."""
+    service_time: float
+    """Mean seconds per task over the recent task mix."""
+    backlog: int
+    """Tasks waiting: queued in the pool plus the broker's queue, as told by the caller."""
+    horizon_s: float
+
+
+def _check_unit_interval(name: str, value: float, *, allow_zero: bool = False) -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value <= 1):  # also rejects NaN
+        bound = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"invalid {name}={value!r}: must be in {bound}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"invalid {name}={value!r}: must be a finite number > 0")
+
+
+def _check_time(now: float) -> None:
+    if not math.isfinite(now):
+        raise ValueError(f"invalid now={now!r}: must be a finite time")
+
+
+class Predictor:
+    """Forecasts arrival rate (Holt's double exponential smoothing) and service time (EWMA).
+
+    Arrivals are counted in fixed windows aligned to multiples of ``window_s``; a window counts
+    once it has closed, so a half-filled window never reads as a drop in load. Windows with no
+    arrivals are closed as zeros, which is what lets the level decay to 0 when the queue goes
+    quiet. The trend is what makes this predictive: on a ramp, ``predicted_rate`` runs ahead of
+    the level by trend * horizon, so capacity started now is ready when the load gets there.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_s: float = 1.0,
+        level_alpha: float = 0.5,
+        trend_beta: float = 0.3,
+        service_alpha: float = 0.2,
+        default_service_time: float = 0.05,
+    ) -> None:
+        _check_positive("window_s", window_s)
+        _check_unit_interval("level_alpha", level_alpha)
+        # beta = 0 is plain exponential smoothing (no trend); that is a legitimate choice.
+        _check_unit_interval("trend_beta", trend_beta, allow_zero=True)
+        _check_unit_interval("service_alpha", service_alpha)
+        _check_positive("default_service_time", default_service_time)
+        self.window_s = window_s
+        self.level_alpha = level_alpha
+        self.trend_beta = trend_beta
+        self.service_alpha = service_alpha
+        self.default_service_time = default_service_time
+        # A pool starts with no known load; starting the level at 0 makes the first busy window
+        # an ordinary step up, which the trend then sees.
+        self._level = 0.0
+        self._trend = 0.0  # tasks/s per window
+        self._window: int | None = None  # index of the open window
+        self._window_count = 0
+        self._window_names: dict[str, int] = {}
+        self._mix: dict[str, float] = {}  # smoothed arrivals per window, by task name
+        self._service: dict[str, float] = {}
+        self._service_all: float | None = None  # EWMA over every completion, any name
+
+    # -- observations -------------------------------------------------------------------------
+
+    def record_arrival(self, now: float, task_name: str, count: int = 1) -> None:
+        """Count ``count`` tasks named ``task_name`` arriving at ``now``.
+
+        An arrival stamped before the open window (a late report) is counted in the open window:
+        closed windows are already folded into the level and cannot be rewritten.
+        """
+        _check_time(now)
+        if count < 0:
+            raise ValueError(f"invalid count={count!r}: must be >= 0")
+        self._advance(now)
+        self._window_count += count
+        self._window_names[task_name] = self._window_names.get(task_name, 0) + count
+
+    def record_completion(self, now: float, task_name: str, runtime_s: float) -> None:
+        """Fold one finished task's runtime into its name's service time."""
+        _check_time(now)
+        if not (runtime_s >= 0 and math.isfinite(runtime_s)):
+            raise ValueError(f"invalid runtime_s={runtime_s!r}: must be a finite number >= 0")
+        self._advance(now)
+        previous = self._service.get(task_name)
+        self._service[task_name] = self._ewma(previous, runtime_s)
+        self._service_all = self._ewma(self._service_all, runtime_s)
+
+    def service_time(self, task_name: str) -> float | None:
+        """Smoothed runtime of ``task_name``, or None before its first completion."""
+        return self._service.get(task_name)
+
+    # -- forecast -----------------------------------------------------------------------------
+
+    def forecast(self, now: float, backlog: int, horizon_s: float) -> Forecast:
+        """Close the windows that ended by ``now`` and report load, and load ``horizon_s`` ahead."""
+        _check_time(now)
+        if backlog < 0:
+            raise ValueError(f"invalid backlog={backlog!r}: must be >= 0")
+        if not (horizon_s >= 0 and math.isfinite(horizon_s)):
+            raise ValueError(f"invalid horizon_s={horizon_s!r}: must be a finite number >= 0")
+        self._advance(now)
+        trend_per_s = self._trend / self.window_s
+        return Forecast(
+            at=now,
+            arrival_rate=self._level,
+            predicted_rate=max(0.0, self._level + trend_per_s * horizon_s),
+            trend=trend_per_s,
+            service_time=self._mix_service_time(),
+            backlog=backlog,
+            horizon_s=horizon_s,
+        )
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _ewma(self, previous: float | None, sample: float) -> float:
+        if previous is None:
+            return sample
+        return self.service_alpha * sample + (1.0 - self.service_alpha) * previous
+
+    def _advance(self, now: float) -> None:
+        index = math.floor(now / self.window_s)
+        if self._window is None:
+            self._window = index
+            return
+        closed = 0
+        while self._window < index:
+            self._close_window()
+            self._window += 1
+            closed += 1
+            idle = self._level == 0.0 and self._trend == 0.0 and not self._mix
+            if idle or closed >= _MAX_EMPTY_WINDOWS:
+                # Nothing left to decay (or nothing that matters): skip the remaining empty
+                # windows at once, so a pool idle for a day costs no more than one idle second.
+                self._level, self._trend = 0.0, 0.0
+                self._mix.clear()
+                self._window = index
+
+    def _close_window(self) -> None:
+        alpha, beta = self.level_alpha, self.trend_beta
+        rate = self._window_count / self.window_s
+        previous = self._level
+        # Holt: the level chases the observation from where the trend said it would be; a rate
+        # cannot be negative, so a steep fall is floored at 0 rather than predicting "anti-load".
+        self._level = max(0.0, alpha * rate + (1.0 - alpha) * (previous + self._trend))
+        self._trend = beta * (self._level - previous) + (1.0 - beta) * self._trend
+        if self._level < _NEGLIGIBLE and abs(self._trend) < _NEGLIGIBLE:
+            self._level, self._trend = 0.0, 0.0
+        # The task mix is smoothed with the same alpha as the level, so "recent" means the same
+        # thing for how many tasks come as for which tasks come.
+        for name in list(self._mix):
+            weight = (1.0 - alpha) * self._mix[name]
+            if weight < _NEGLIGIBLE:
+                del self._mix[name]
+            else:
+                self._mix[name] = weight
+        for name, count in self._window_names.items():
+            if count:
+                self._mix[name] = self._mix.get(name, 0.0) + alpha * count
+        self._window_count = 0
+        self._window_names = {}
+
+    def _mix_service_time(self) -> float:
+        fallback = self._service_all if self._service_all is not None else self.default_service_time
+        # The open window counts too: a task name that just started arriving should weigh in
+        # before its first full window closes.
+        weights = dict(self._mix)
+        for name, count in self._window_names.items():
+            weights[name] = weights.get(name, 0.0) + self.level_alpha * count
+        total = sum(weights.values())
+        if total <= 0.0:
+            return fallback
+        # A name never seen completing is costed at the average over all completions: a
+        # guess, but one drawn from this workload rather than from a constant.
+        weighted = sum(w * self._service.get(name, fallback) for name, w in weights.items())
+        return weighted / total

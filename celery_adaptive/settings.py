@@ -1,0 +1,239 @@
+"""The pool's settings: one validated, frozen object built once at start.
+
+Celery-style lowercase names live in ``app.conf`` (``adaptive_*``); Celery's own worker options
+(concurrency, limits, max tasks/memory per child, start method) arrive as pool constructor
+options and are folded in here so the rest of the pool reads one object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery_adaptive.errors import SettingsError
+
+DEFAULTS: dict[str, Any] = {
+    "adaptive_cpu_placement": "spread",
+    "adaptive_dispatch_window": 1,
+    "adaptive_affinity_header": "affinity",
+    "adaptive_task_affinity": {},
+    "adaptive_long_task_threshold": 0.1,
+    "adaptive_short_task_reserve": 1,
+    "adaptive_min_children": None,
+    "adaptive_max_children": None,
+    "adaptive_autoscale": False,
+    "adaptive_target_wait": 0.2,
+    "adaptive_control_interval": 1.0,
+    "adaptive_stabilization_window": 30.0,
+    "adaptive_child_start_timeout": 60.0,
+    "adaptive_metrics_enabled": True,
+    "adaptive_metrics_interval": 2.0,
+    "adaptive_metrics_redis_url": None,
+    "adaptive_metrics_key_prefix": "celery-adaptive",
+    "adaptive_metrics_ttl": 30.0,
+    "adaptive_metrics_stream_length": 1000,
+}
+
+DESCRIPTIONS: dict[str, str] = {
+    "adaptive_cpu_placement": "spread | compact | none | a CPU list such as '0,2-3'",
+    "adaptive_dispatch_window": "tasks handed to one child before it reports a result (>= 1)",
+    "adaptive_affinity_header": "message header whose value is a task's affinity key",
+    "adaptive_task_affinity": "{task name: affinity key} applied when a message has no header",
+    "adaptive_long_task_threshold": "seconds above which a task name counts as long",
+    "adaptive_short_task_reserve": "children kept free for short tasks while short ones wait",
+    "adaptive_min_children": "autoscaler minimum (default: --autoscale min, else -c)",
+    "adaptive_max_children": "autoscaler maximum (default: --autoscale max, else -c)",
+    "adaptive_autoscale": "let the predictive autoscaler size the pool",
+    "adaptive_target_wait": "seconds of queue wait the autoscaler aims to stay under",
+    "adaptive_control_interval": "seconds between autoscaler decisions",
+    "adaptive_stabilization_window": "seconds of lower demand before the pool shrinks",
+    "adaptive_child_start_timeout": "seconds a new child may take to report ready",
+    "adaptive_metrics_enabled": "publish metrics (events, Redis)",
+    "adaptive_metrics_interval": "seconds between metric snapshots",
+    "adaptive_metrics_redis_url": "Redis for metrics (default: the broker, when it is Redis)",
+    "adaptive_metrics_key_prefix": "prefix of the metrics keys in Redis",
+    "adaptive_metrics_ttl": "seconds a worker's snapshot key lives without refresh",
+    "adaptive_metrics_stream_length": "entries kept in each worker's history stream",
+}
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Everything the pool needs to know, validated."""
+
+    concurrency: int
+    min_children: int
+    max_children: int
+    autoscale: bool
+    max_tasks_per_child: int | None
+    max_memory_per_child_kib: int | None
+    soft_time_limit: float | None
+    hard_time_limit: float | None
+    start_method: str
+    cpu_placement: Any
+    dispatch_window: int
+    affinity_header: str
+    task_affinity: Mapping[str, str]
+    long_task_threshold: float
+    short_task_reserve: int
+    target_wait: float
+    control_interval: float
+    stabilization_window: float
+    child_start_timeout: float
+    metrics_enabled: bool
+    metrics_interval: float
+    metrics_redis_url: str | None
+    metrics_key_prefix: str
+    metrics_ttl: float
+    metrics_stream_length: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        else:
+            raise SettingsError(name, value, "expected an integer")
+    if value < minimum:
+        raise SettingsError(name, value, f"must be >= {minimum}")
+    return int(value)
+
+
+def _float(name: str, value: Any, positive: bool = True, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool):
+        raise SettingsError(name, value, "expected a number of seconds")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(name, value, "expected a number of seconds") from None
+    if math.isnan(number) or math.isinf(number):
+        raise SettingsError(name, value, "must be finite")
+    if positive and number <= 0:
+        raise SettingsError(name, value, "must be > 0")
+    if number < 0:
+        raise SettingsError(name, value, "must be >= 0")
+    return number
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise SettingsError(name, value, "expected true or false")
+
+
+def _redis_url(name: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(name, value, "expected a redis://, rediss:// or unix:// URL")
+    from urllib.parse import urlparse
+
+    try:
+        parsed = urlparse(value)
+        parsed.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise SettingsError(name, value, f"malformed URL ({exc})") from None
+    return value
+
+
+def _conf(conf: Mapping[str, Any] | Any, name: str) -> Any:
+    getter = getattr(conf, "get", None)
+    value = getter(name, None) if getter is not None else None
+    return DEFAULTS[name] if value is None else value
+
+
+def _limit(name: str, value: Any) -> float | None:
+    limit = _float(name, value, positive=False, allow_none=True)
+    return limit or None  # Celery treats 0 as "no limit"
+
+
+def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) -> PoolSettings:
+    """Validate ``app.conf`` plus the pool's constructor options into a `PoolSettings`.
+
+    Raises `SettingsError` naming the first bad setting.
+    """
+    from celery_adaptive.placement import parse_policy
+
+    concurrency = _int("worker_concurrency", options.get("limit") or 1, 1)
+    assert concurrency is not None
+    autoscale_bounds = options.get("autoscale_bounds")  # (max, min) from --autoscale, if given
+    min_default, max_default = concurrency, concurrency
+    autoscale = _bool("adaptive_autoscale", _conf(conf, "adaptive_autoscale"))
+    if autoscale_bounds:
+        max_default, min_default = int(autoscale_bounds[0]), max(1, int(autoscale_bounds[1]))
+        autoscale = True
+    min_children = _int("adaptive_min_children", _conf(conf, "adaptive_min_children") or min_default, 1)
+    max_children = _int("adaptive_max_children", _conf(conf, "adaptive_max_children") or max_default, 1)
+    assert min_children is not None and max_children is not None
+    if min_children > max_children:
+        raise SettingsError(
+            "adaptive_min_children", min_children, f"greater than adaptive_max_children={max_children}"
+        )
+    placement_value = _conf(conf, "adaptive_cpu_placement")
+    try:
+        placement = parse_policy(placement_value)
+    except SettingsError:
+        raise
+    except ValueError as exc:
+        raise SettingsError("adaptive_cpu_placement", placement_value, str(exc)) from None
+    header = _conf(conf, "adaptive_affinity_header")
+    if not isinstance(header, str) or not header:
+        raise SettingsError("adaptive_affinity_header", header, "expected a non-empty string")
+    task_affinity = _conf(conf, "adaptive_task_affinity")
+    if not isinstance(task_affinity, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in task_affinity.items()
+    ):
+        raise SettingsError("adaptive_task_affinity", task_affinity, "expected {task name: key}")
+    prefix = _conf(conf, "adaptive_metrics_key_prefix")
+    if not isinstance(prefix, str) or not prefix:
+        raise SettingsError("adaptive_metrics_key_prefix", prefix, "expected a non-empty string")
+    start_method = "fork" if options.get("forking_enable", True) else "spawn"
+    max_tasks = options.get("maxtasksperchild")
+    max_memory = options.get("max_memory_per_child")
+    return PoolSettings(
+        concurrency=concurrency,
+        min_children=min_children,
+        max_children=max_children,
+        autoscale=autoscale,
+        max_tasks_per_child=_int("worker_max_tasks_per_child", max_tasks, 1) if max_tasks else None,
+        max_memory_per_child_kib=(
+            _int("worker_max_memory_per_child", max_memory, 1) if max_memory else None
+        ),
+        soft_time_limit=_limit("task_soft_time_limit", options.get("soft_timeout")),
+        hard_time_limit=_limit("task_time_limit", options.get("timeout")),
+        start_method=start_method,
+        cpu_placement=placement,
+        dispatch_window=_int("adaptive_dispatch_window", _conf(conf, "adaptive_dispatch_window"), 1) or 1,
+        affinity_header=header,
+        task_affinity=dict(task_affinity),
+        long_task_threshold=_float("adaptive_long_task_threshold", _conf(conf, "adaptive_long_task_threshold")) or 0.1,
+        short_task_reserve=_int("adaptive_short_task_reserve", _conf(conf, "adaptive_short_task_reserve"), 0) or 0,
+        target_wait=_float("adaptive_target_wait", _conf(conf, "adaptive_target_wait")) or 0.2,
+        control_interval=_float("adaptive_control_interval", _conf(conf, "adaptive_control_interval")) or 1.0,
+        stabilization_window=_float(
+            "adaptive_stabilization_window", _conf(conf, "adaptive_stabilization_window"), positive=False
+        ) or 0.0,
+        child_start_timeout=_float("adaptive_child_start_timeout", _conf(conf, "adaptive_child_start_timeout")) or 60.0,
+        metrics_enabled=_bool("adaptive_metrics_enabled", _conf(conf, "adaptive_metrics_enabled")),
+        metrics_interval=_float("adaptive_metrics_interval", _conf(conf, "adaptive_metrics_interval")) or 2.0,
+        metrics_redis_url=_redis_url("adaptive_metrics_redis_url", _conf(conf, "adaptive_metrics_redis_url")),
+        metrics_key_prefix=prefix,
+        metrics_ttl=_float("adaptive_metrics_ttl", _conf(conf, "adaptive_metrics_ttl")) or 30.0,
+        metrics_stream_length=_int("adaptive_metrics_stream_length", _conf(conf, "adaptive_metrics_stream_length"), 1) or 1000,
+    )
+
+
+def describe_settings() -> list[str]:
+    width = max(len(name) for name in DEFAULTS)
+    return [f"{name:<{width}}  default={DEFAULTS[name]!r}  {DESCRIPTIONS[name]}" for name in DEFAULTS]

@@ -20,7 +20,14 @@ from types import FrameType
 from typing import Any
 
 from celery_adaptive import protocol
-from celery_adaptive.protocol import ChildExiting, ChildReady, JobAccepted, JobFinished, RunJob, StopChild
+from celery_adaptive.protocol import (
+    ChildExiting,
+    ChildReady,
+    JobAccepted,
+    JobFinished,
+    RunJob,
+    StopChild,
+)
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,8 @@ def _initialise(spec: ChildSpec) -> int | None:
     cpu = pin_current_process(spec.cpu)
     try:
         # Celery may have replaced sys.stderr with a logging proxy that has no fd.
-        faulthandler.enable(file=sys.__stderr__)
+        if sys.__stderr__ is not None:
+            faulthandler.enable(file=sys.__stderr__)
     except (AttributeError, ValueError, OSError):
         pass
     if spec.start_method != "fork":

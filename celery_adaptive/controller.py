@@ -114,7 +114,7 @@ def children_needed(
         raise ValueError(f"invalid drain_s={drain_s!r}: must be a finite number > 0")
     if limit is not None and limit < 0:
         raise ValueError(f"invalid limit={limit!r}: must be >= 0")
-    excess = max(0.0, backlog - arrival_rate * target_wait_s)
+    excess = float(backlog)
     rate = arrival_rate + excess / drain_s
     if rate == 0:
         return 0
@@ -165,7 +165,9 @@ class Controller:
     ) -> None:
         _check_bounds(min_children, max_children)
         if not (target_wait_s > 0 and math.isfinite(target_wait_s)):
-            raise ValueError(f"invalid target_wait_s={target_wait_s!r}: must be a finite number > 0")
+            raise ValueError(
+                f"invalid target_wait_s={target_wait_s!r}: must be a finite number > 0"
+            )
         if not (stabilization_s >= 0 and math.isfinite(stabilization_s)):
             raise ValueError(
                 f"invalid stabilization_s={stabilization_s!r}: must be a finite number >= 0"
@@ -226,7 +228,9 @@ class Controller:
 
         # Bounds are orders, not forecasts: they apply at once and ignore step limits.
         if current > high:
-            return decision(high, "down", f"down {current}->{high}: above the maximum {high}; {why}")
+            return decision(
+                high, "down", f"down {current}->{high}: above the maximum {high}; {why}"
+            )
         if desired > current:
             step = desired - current if self.max_step_up is None else self.max_step_up
             target = max(low, min(desired, current + step))

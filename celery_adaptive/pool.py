@@ -87,6 +87,7 @@ class Pool(BasePool):
         **options: Any,
     ) -> None:
         super().__init__(limit, putlocks, forking_enable, callbacks_propagate, app, **options)
+        self.app: Any = self.app
         if self.app is None:
             from celery import current_app
 

@@ -4,7 +4,7 @@ Data flow::
 
     record_arrival(now, name) ──► open window count ──(window closes)──► Holt level + trend
                                          └──────────────────────────────► task-mix weights
-    record_completion(now, name, runtime) ──► per-name EWMA of service time
+    record_completion(now, name, runtime) ──► open window runtimes ──(window closes)──► per-name EWMA
     forecast(now, backlog, horizon) ──► Forecast(rate now, rate at now+horizon, mean service time)
 
 The predictor is pure: the caller passes every observation and the current time in, and nothing
@@ -101,6 +101,10 @@ class Predictor:
         self._mix: dict[str, float] = {}  # smoothed arrivals per window, by task name
         self._service: dict[str, float] = {}
         self._service_all: float | None = None  # EWMA over every completion, any name
+        # Runtimes of the open window, by name: (sum, count). Averaging a window's runtimes
+        # before smoothing keeps one long task from swinging the estimate at high throughput,
+        # while a name that completes once per window is smoothed per completion.
+        self._runtimes: dict[str, tuple[float, int]] = {}
 
     # -- observations -------------------------------------------------------------------------
 
@@ -118,18 +122,29 @@ class Predictor:
         self._window_names[task_name] = self._window_names.get(task_name, 0) + count
 
     def record_completion(self, now: float, task_name: str, runtime_s: float) -> None:
-        """Fold one finished task's runtime into its name's service time."""
+        """Count one finished task's runtime towards its name's service time.
+
+        The runtimes of a window are averaged, and the average is folded into the name's EWMA
+        (weight ``service_alpha``) when the window closes.
+        """
         _check_time(now)
         if not (runtime_s >= 0 and math.isfinite(runtime_s)):
             raise ValueError(f"invalid runtime_s={runtime_s!r}: must be a finite number >= 0")
         self._advance(now)
-        previous = self._service.get(task_name)
-        self._service[task_name] = self._ewma(previous, runtime_s)
-        self._service_all = self._ewma(self._service_all, runtime_s)
+        total, count = self._runtimes.get(task_name, (0.0, 0))
+        self._runtimes[task_name] = (total + runtime_s, count + 1)
 
     def service_time(self, task_name: str) -> float | None:
-        """Smoothed runtime of ``task_name``, or None before its first completion."""
-        return self._service.get(task_name)
+        """Smoothed runtime of ``task_name``, or None before its first completion.
+
+        Until the first window with a completion closes, the open window's mean stands in, so a
+        new task name is costed from its own runtimes as soon as one has finished.
+        """
+        smoothed = self._service.get(task_name)
+        if smoothed is not None:
+            return smoothed
+        total, count = self._runtimes.get(task_name, (0.0, 0))
+        return total / count if count else None
 
     # -- forecast -----------------------------------------------------------------------------
 
@@ -142,10 +157,13 @@ class Predictor:
             raise ValueError(f"invalid horizon_s={horizon_s!r}: must be a finite number >= 0")
         self._advance(now)
         trend_per_s = self._trend / self.window_s
+        assert self._window is not None
+        # A window's count measures the rate at its middle, so the level is already this old.
+        age = now - (self._window * self.window_s - self.window_s / 2)
         return Forecast(
             at=now,
             arrival_rate=self._level,
-            predicted_rate=max(0.0, self._level + trend_per_s * horizon_s),
+            predicted_rate=max(0.0, self._level + trend_per_s * (age + horizon_s)),
             trend=trend_per_s,
             service_time=self._mix_service_time(),
             backlog=backlog,
@@ -200,9 +218,21 @@ class Predictor:
                 self._mix[name] = self._mix.get(name, 0.0) + alpha * count
         self._window_count = 0
         self._window_names = {}
+        if self._runtimes:
+            for name, (total, count) in self._runtimes.items():
+                self._service[name] = self._ewma(self._service.get(name), total / count)
+            every = sum(t for t, _ in self._runtimes.values())
+            finished = sum(c for _, c in self._runtimes.values())
+            self._service_all = self._ewma(self._service_all, every / finished)
+            self._runtimes = {}
 
     def _mix_service_time(self) -> float:
-        fallback = self._service_all if self._service_all is not None else self.default_service_time
+        fallback = self._service_all
+        if fallback is None and self._runtimes:
+            every = sum(t for t, _ in self._runtimes.values())
+            fallback = every / sum(c for _, c in self._runtimes.values())
+        if fallback is None:
+            fallback = self.default_service_time
         # The open window counts too: a task name that just started arriving should weigh in
         # before its first full window closes.
         weights = dict(self._mix)
@@ -213,5 +243,8 @@ class Predictor:
             return fallback
         # A name never seen completing is costed at the average over all completions: a
         # guess, but one drawn from this workload rather than from a constant.
-        weighted = sum(w * self._service.get(name, fallback) for name, w in weights.items())
+        weighted = 0.0
+        for name, weight in weights.items():
+            known = self.service_time(name)
+            weighted += weight * (fallback if known is None else known)
         return weighted / total

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from celery_adaptive.errors import ProtocolError
 
@@ -73,8 +73,8 @@ class ChildExiting:
     version: int = field(default=PROTOCOL_VERSION)
 
 
-ParentMessage = Union[RunJob, StopChild]
-ChildMessage = Union[ChildReady, JobAccepted, JobFinished, ChildExiting]
+ParentMessage = RunJob | StopChild
+ChildMessage = ChildReady | JobAccepted | JobFinished | ChildExiting
 _KNOWN = (RunJob, StopChild, ChildReady, JobAccepted, JobFinished, ChildExiting)
 
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-JobId = Hashable
+JobId = int
 ChildId = int
 
 

@@ -89,9 +89,7 @@ def bursts(
         phase = (t - start) % period_s
         return burst_rate if t >= start and phase < burst_s else base_rate
 
-    starts = tuple(
-        start + k * period_s for k in range(int((duration_s - start) // period_s) + 1)
-    )
+    starts = tuple(start + k * period_s for k in range(int((duration_s - start) // period_s) + 1))
     return LoadTrace(
         f"bursts {base_rate:g}->{burst_rate:g}/s",
         duration_s,
@@ -177,7 +175,9 @@ class SimulationConfig:
         if not self.startup_s >= 0:
             raise ValueError(f"invalid startup_s={self.startup_s!r}: must be >= 0")
         if not self.tasks or any(k.mean_service_s < 0 or k.weight <= 0 for k in self.tasks):
-            raise ValueError(f"invalid tasks={self.tasks!r}: need kinds with service >= 0, weight > 0")
+            raise ValueError(
+                f"invalid tasks={self.tasks!r}: need kinds with service >= 0, weight > 0"
+            )
         if self.service not in ("exponential", "fixed"):
             raise ValueError(f"invalid service={self.service!r}: exponential or fixed")
 
@@ -248,7 +248,7 @@ class SimulationResult:
             for t in self.ticks
             if start <= t.at < end and t.decision.direction != "hold"
         ]
-        return sum(1 for a, b in zip(moves, moves[1:]) if a != b)
+        return sum(1 for a, b in zip(moves, moves[1:], strict=False) if a != b)
 
     def direction_changes_per_minute(self, start: float = 0.0, end: float | None = None) -> float:
         stop = self.end if end is None else end
@@ -259,6 +259,27 @@ class SimulationResult:
 
     def waits(self) -> list[float]:
         return [t.wait for t in self.tasks]
+
+    def peak_queue(self, start: float = 0.0, end: float = math.inf) -> int:
+        """Most tasks waiting at any instant in ``[start, end)``, from the task records."""
+        # At one instant starts go before arrivals, as the simulation dispatches them.
+        changes = sorted(
+            [(t.arrived, 1) for t in self.tasks] + [(t.started, -1) for t in self.tasks]
+        )
+        waiting, peak = 0, 0
+        for at, delta in changes:
+            waiting += delta
+            if start <= at < end:
+                peak = max(peak, waiting)
+        return peak
+
+    def capacity_at(self, t: float) -> int:
+        """Children ready to run a task at ``t`` (started up and not retired)."""
+        return sum(
+            1
+            for c in self.children
+            if c.ready is not None and c.ready <= t and (c.retired is None or c.retired > t)
+        )
 
 
 # -- the simulation ---------------------------------------------------------------------------
@@ -337,7 +358,9 @@ class _Sim:
         if self.config.service == "fixed":
             service = kind.mean_service_s
         else:
-            service = self.rng.expovariate(1.0 / kind.mean_service_s) if kind.mean_service_s else 0.0
+            service = (
+                self.rng.expovariate(1.0 / kind.mean_service_s) if kind.mean_service_s else 0.0
+            )
         task = _Task(self.created, kind, t, service)
         self.created += 1
         self.tasks[task.id] = task
@@ -369,7 +392,11 @@ class _Sim:
 
     def dispatch(self, now: float) -> None:
         idle = sorted(
-            (c for c in self.children.values() if c.retired is None and not c.starting and c.task is None),
+            (
+                c
+                for c in self.children.values()
+                if c.retired is None and not c.starting and c.task is None
+            ),
             key=lambda c: c.id,
         )
         for child in idle:
@@ -409,7 +436,9 @@ class _Sim:
         true_rate = self.trace.rate_at(now)
         need = children_needed(true_rate, config.mean_service_s, config.target_wait_s)
         self.ticks.append(
-            Tick(now, true_rate, need, len(self.queue), ready, len(self.active()), forecast, decision)
+            Tick(
+                now, true_rate, need, len(self.queue), ready, len(self.active()), forecast, decision
+            )
         )
 
 

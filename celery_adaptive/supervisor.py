@@ -32,11 +32,18 @@ from multiprocessing.connection import wait as wait_for
 from typing import Any
 
 from celery_adaptive import protocol
-from celery_adaptive.child import ChildSpec, child_main
+from celery_adaptive.child import ChildSpec
 from celery_adaptive.clock import Clock, MonotonicClock
 from celery_adaptive.errors import ProtocolError
 from celery_adaptive.jobs import Job
-from celery_adaptive.protocol import ChildExiting, ChildReady, JobAccepted, JobFinished, RunJob, StopChild
+from celery_adaptive.protocol import (
+    ChildExiting,
+    ChildReady,
+    JobAccepted,
+    JobFinished,
+    RunJob,
+    StopChild,
+)
 from celery_adaptive.scheduler import Scheduler
 from celery_adaptive.settings import PoolSettings
 from celery_adaptive.timers import Deadline, DeadlineHeap
@@ -521,7 +528,7 @@ class Supervisor:
         if self._closing or self._stopped:
             return
         now = self.clock.now()
-        for attempt in range(1000):  # bounded: a revoked job frees its slot for the next one
+        for _attempt in range(1000):  # bounded: a revoked job frees its slot for the next one
             dispatches = self.scheduler.dispatch(now)
             if not dispatches:
                 return

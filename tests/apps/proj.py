@@ -143,3 +143,14 @@ def _mark_process_shutdown(**_: Any) -> None:
 @worker_before_create_process.connect
 def _mark_before_create(**_: Any) -> None:
     _touch("before-create")
+
+
+class UnpicklableError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.callback = lambda: None  # an exception that cannot cross a process boundary
+
+
+@app.task
+def raise_unpicklable() -> None:
+    raise UnpicklableError("cannot pickle me")

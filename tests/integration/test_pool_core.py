@@ -175,8 +175,15 @@ def test_unpicklable_result_fails_cleanly(worker_factory, broker):
     worker = worker_factory("-c", "1")
     before = worker.child_pids()
     result = broker.send("unpicklable")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as info:  # noqa: B017 - the type is checked below
         result.get(timeout=20)
+    assert type(info.value).__name__ == "EncodeError"  # the JSON result serializer refused it
+    # An exception that cannot be pickled back to the parent (billiard's MaybeEncodingError path).
+    raised = broker.send("raise_unpicklable")
+    with pytest.raises(Exception) as info:  # noqa: B017 - the type is checked below
+        raised.get(timeout=20)
+    assert raised.state == "FAILURE"
+    assert "cannot pickle me" in str(info.value)
     assert broker.send("add", 3, 4).get(timeout=20) == 7
     assert worker.child_pids() == before
 

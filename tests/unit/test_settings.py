@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+
+from celery_adaptive.errors import SettingsError
+from celery_adaptive.settings import build_settings, describe_settings
+
+BASE = {"limit": 2, "forking_enable": True}
+
+
+def test_defaults():
+    s = build_settings({}, BASE)
+    assert (s.concurrency, s.min_children, s.max_children) == (2, 2, 2)
+    assert s.start_method == "fork" and s.dispatch_window == 1
+    assert s.cpu_placement.describe() == "spread"
+    assert s.soft_time_limit is None and s.hard_time_limit is None
+
+
+def test_celery_options_are_folded_in():
+    s = build_settings({}, {**BASE, "forking_enable": False, "maxtasksperchild": 5,
+                            "max_memory_per_child": 1000, "soft_timeout": 3, "timeout": 0})
+    assert s.start_method == "spawn" and s.max_tasks_per_child == 5
+    assert s.max_memory_per_child_kib == 1000 and s.soft_time_limit == 3.0
+    assert s.hard_time_limit is None  # Celery's 0 means no limit
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("adaptive_cpu_placement", "fastest", "adaptive_cpu_placement"),
+        ("adaptive_dispatch_window", 0, "must be >= 1"),
+        ("adaptive_dispatch_window", "many", "expected an integer"),
+        ("adaptive_long_task_threshold", -1, "must be > 0"),
+        ("adaptive_short_task_reserve", -2, "must be >= 0"),
+        ("adaptive_target_wait", 0, "must be > 0"),
+        ("adaptive_control_interval", "soon", "expected a number"),
+        ("adaptive_metrics_redis_url", "http://x", "redis://"),
+        ("adaptive_metrics_redis_url", "redis://host:notaport/0", "malformed"),
+        ("adaptive_metrics_enabled", "maybe", "true or false"),
+        ("adaptive_affinity_header", "", "non-empty"),
+        ("adaptive_task_affinity", ["a"], "task name"),
+        ("adaptive_min_children", -1, ">= 1"),
+    ],
+)
+def test_bad_values_name_the_setting(name, value, fragment):
+    with pytest.raises(SettingsError) as info:
+        build_settings({name: value}, BASE)
+    assert name in str(info.value) and fragment in str(info.value)
+
+
+def test_min_above_max_is_refused():
+    with pytest.raises(SettingsError, match="adaptive_min_children=5.*adaptive_max_children=3"):
+        build_settings({"adaptive_min_children": 5, "adaptive_max_children": 3}, BASE)
+
+
+def test_describe_lists_every_setting():
+    lines = describe_settings()
+    assert any(line.startswith("adaptive_cpu_placement") for line in lines)
+    assert len(lines) >= 15

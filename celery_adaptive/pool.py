@@ -15,6 +15,7 @@ from celery import bootsteps, signals
 from celery.concurrency.base import BasePool
 
 from celery_adaptive import placement
+from celery_adaptive.autoscaler import AdaptiveAutoscaler, BacklogProbe, CeleryAutoscalerBridge
 from celery_adaptive.child import ChildSpec, child_main
 from celery_adaptive.jobs import Job
 from celery_adaptive.scheduler import Scheduler
@@ -36,7 +37,7 @@ class _ConsumerLink(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         pool = getattr(c, "pool", None)
         if isinstance(pool, Pool):
-            pool.consumer = c
+            pool.on_consumer_start(c)
 
 
 def _run_ready_ack_callbacks(hub: Any) -> None:
@@ -106,6 +107,7 @@ class Pool(BasePool):
         )
         self._initargs: tuple[Any, ...] = tuple(options.get("initargs") or (self.app, None))
         self.supervisor: Supervisor | None = None
+        self.autoscaler: AdaptiveAutoscaler | None = None
         self._install_consumer_link()
 
     # ------------------------------------------------------------------ setup
@@ -141,6 +143,7 @@ class Pool(BasePool):
 
         hooks = SupervisorHooks(
             before_create_process=lambda: signals.worker_before_create_process.send(sender=self),
+            on_job_done=self._on_job_done,
         )
         scheduler = Scheduler(
             window=settings.dispatch_window,
@@ -150,6 +153,88 @@ class Pool(BasePool):
         return Supervisor(
             settings, spec_for_slot, process_factory, lambda: ctx.Pipe(duplex=True), scheduler, hooks
         )
+
+    def _on_job_done(self, job: Job, runtime: float | None) -> None:
+        """Every job's end (runtime None when it did not finish by itself). On the event loop."""
+        if self.autoscaler is not None and runtime is not None and self.supervisor is not None:
+            self.autoscaler.record_completion(self.supervisor.clock.now(), job.task_name, runtime)
+
+    # ------------------------------------------------------------------ consumer and sizing
+    def on_consumer_start(self, consumer: Any) -> None:
+        """The consumer (re)started: keep a reference, and set up autoscaling once."""
+        self.consumer = consumer
+        if self.supervisor is None:
+            return
+        worker = getattr(consumer, "controller", None)
+        celery_autoscaler = getattr(worker, "autoscaler", None)
+        if self.autoscaler is None and (self.settings.autoscale or celery_autoscaler is not None):
+            self._start_autoscaler(consumer, worker, celery_autoscaler)
+
+    def _start_autoscaler(self, consumer: Any, worker: Any, celery_autoscaler: Any) -> None:
+        assert self.supervisor is not None
+        sup = self.supervisor
+        self.autoscaler = AdaptiveAutoscaler(
+            self.settings, self.resize_to, lambda: sup.target, sup.jobs_queued
+        )
+        explicit = self.app.conf.get("adaptive_min_children") or self.app.conf.get("adaptive_max_children")
+        if celery_autoscaler is not None and not explicit:
+            # --autoscale MAX,MIN given on the command line: those are the bounds.
+            low = max(1, int(celery_autoscaler.min_concurrency or 1))
+            high = max(low, int(celery_autoscaler.max_concurrency))
+            self.autoscaler.controller.set_bounds(low, high)
+            if not isinstance(celery_autoscaler, CeleryAutoscalerBridge):
+                # Its reactive rule would fight the forecast; keep it as a control surface only.
+                celery_autoscaler.maybe_scale = lambda req=None: None
+        if worker is not None:
+            worker.autoscaler = CeleryAutoscalerBridge(self, self.autoscaler, worker, sup.clock.now)
+        queues = [q.name for q in getattr(getattr(consumer, "task_consumer", None), "queues", []) or []]
+        self.autoscaler.probe = BacklogProbe(self.app, queues, self.settings.control_interval)
+        self.autoscaler.probe.start()
+        low, high = self.autoscaler.bounds
+        target = min(max(sup.target, low), high)
+        if target != sup.target:
+            self.resize_to(target, f"autoscale bounds [{low}, {high}]")
+        self._sync_prefetch()
+        sup.call_later(self.settings.control_interval, self._autoscale_tick, "autoscale")
+        logger.info("Predictive autoscaler on: %d..%d children, target wait %.0f ms",
+                    low, high, self.settings.target_wait * 1000)
+
+    def _autoscale_tick(self) -> None:
+        sup = self.supervisor
+        if sup is None or self.autoscaler is None or self._state not in (None, self.RUN):
+            return
+        try:
+            self.autoscaler.tick(sup.clock.now())
+        except Exception:
+            logger.exception("Autoscaler tick failed; keeping the current size")
+        sup.call_later(self.settings.control_interval, self._autoscale_tick, "autoscale")
+
+    def resize_to(self, target: int, reason: str) -> None:
+        """Set the number of children and move the consumer's prefetch with it (on L)."""
+        assert self.supervisor is not None
+        target = max(1, target)
+        if target == self.supervisor.target:
+            return
+        self.supervisor.set_target(target)
+        self.limit = target
+        self._sync_prefetch()
+
+    def _sync_prefetch(self) -> None:
+        """Make the consumer's prefetch count capacity x multiplier (contract section 5)."""
+        consumer = self.consumer
+        if consumer is None or self.supervisor is None:
+            return
+        multiplier = getattr(consumer, "prefetch_multiplier", 0) or 0
+        qos = getattr(consumer, "qos", None)
+        if not multiplier or qos is None or not getattr(consumer, "initial_prefetch_count", 0):
+            return  # prefetch unlimited or disabled: nothing to move
+        wanted = self.supervisor.target * multiplier
+        consumer.initial_prefetch_count = wanted
+        diff = wanted - int(qos.value)
+        if diff > 0:
+            qos.increment_eventually(diff)
+        elif diff < 0:
+            qos.decrement_eventually(-diff)
 
     # ------------------------------------------------------------------ BasePool
     def on_start(self) -> None:
@@ -189,6 +274,8 @@ class Pool(BasePool):
             correlation_id=correlation_id, task_name=task_name, affinity_key=key,
             submitted_at=self.supervisor.clock.now(),
         )
+        if self.autoscaler is not None:
+            self.autoscaler.record_arrival(job.submitted_at, task_name)
         self.supervisor.submit(job)
         return job
 
@@ -237,7 +324,12 @@ class Pool(BasePool):
         if self.supervisor is not None:
             self.supervisor.close()
 
+    def _stop_autoscaler(self) -> None:
+        if self.autoscaler is not None and self.autoscaler.probe is not None:
+            self.autoscaler.probe.stop()
+
     def on_stop(self) -> None:
+        self._stop_autoscaler()
         if self.supervisor is None:
             return
         from kombu.asynchronous import get_event_loop
@@ -255,6 +347,7 @@ class Pool(BasePool):
         self.supervisor.join(run_ready)
 
     def on_terminate(self) -> None:
+        self._stop_autoscaler()
         if self.supervisor is not None:
             self.supervisor.terminate()
 
@@ -281,8 +374,9 @@ class Pool(BasePool):
                 "start-method": settings.start_method,
                 "placement": settings.cpu_placement.describe(),
                 "target": sup.target if sup is not None else self.limit,
-                "min-children": settings.min_children,
-                "max-children": settings.max_children,
+                "min-children": self.autoscaler.bounds[0] if self.autoscaler else settings.min_children,
+                "max-children": self.autoscaler.bounds[1] if self.autoscaler else settings.max_children,
+                "autoscale": self.autoscaler is not None,
                 "queued": sup.jobs_queued() if sup is not None else 0,
                 "in-flight": sup.jobs_in_flight() if sup is not None else 0,
                 "children": [
@@ -298,6 +392,8 @@ class Pool(BasePool):
                 ],
             }
         )
+        if self.autoscaler is not None:
+            info["autoscaler"] = self.autoscaler.state()
         if sup is not None:
             info["counters"] = dict(sup.counters)
             counters = sup.scheduler.counters()

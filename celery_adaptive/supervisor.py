@@ -684,11 +684,14 @@ class Supervisor:
             pass
 
     # -- timers and events -------------------------------------------------------------
-    def _call_later(self, delay: float, callback: Callable[[], None], label: str) -> Deadline:
+    def call_later(self, delay: float, callback: Callable[[], None], label: str) -> Deadline:
+        """Run ``callback`` on the event-loop thread after ``delay`` seconds."""
         entry, earliest = self._deadlines.add(self.clock.now() + delay, callback, label)
         if earliest:
             self._wake_io()
         return entry
+
+    _call_later = call_later
 
     def _handle(self, event: tuple[Any, ...]) -> None:
         kind = event[0]

@@ -26,6 +26,11 @@ app.conf.update(
     adaptive_cpu_placement=os.environ.get("TEST_CPU_PLACEMENT", "spread"),
     worker_pool_start_method=os.environ.get("TEST_START_METHOD", "fork"),
     worker_pool_restarts=bool(os.environ.get("TEST_POOL_RESTARTS")),
+    adaptive_stabilization_window=float(os.environ.get("TEST_STABILIZATION", "30")),
+    adaptive_control_interval=float(os.environ.get("TEST_CONTROL_INTERVAL", "1.0")),
+    adaptive_autoscale=bool(os.environ.get("TEST_AUTOSCALE")),
+    adaptive_min_children=int(os.environ.get("TEST_MIN_CHILDREN", "0")) or None,
+    adaptive_max_children=int(os.environ.get("TEST_MAX_CHILDREN", "0")) or None,
 )
 
 _events: list[str] = []

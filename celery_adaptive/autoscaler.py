@@ -1,0 +1,235 @@
+"""The predictive autoscaler's glue: feeds the pure predictor and controller, applies decisions.
+
+Data flow (every ``adaptive_control_interval`` seconds, on the event-loop thread)::
+
+    arrivals (Pool.on_apply) ─┐
+    completions (job hook)  ──┼─> Predictor ─> Forecast ─> Controller ─> ScalingDecision
+    backlog: pool queue + broker queue (BacklogProbe thread) ─┘                 │
+                                  Pool.resize_to(target): start children, or drain the surplus,
+                                  and move the consumer's prefetch with capacity
+
+Celery's own ``--autoscale`` machinery is kept as the control surface (the ``autoscale`` remote
+command and Flower's button call ``worker.autoscaler.update``) but its reactive
+``maybe_scale`` is switched off: `CeleryAutoscalerBridge` routes the bounds here instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from celery.worker.autoscale import Autoscaler
+
+from celery_adaptive.controller import Controller, ScalingDecision
+from celery_adaptive.predictor import Forecast, Predictor
+from celery_adaptive.settings import PoolSettings
+
+logger = logging.getLogger("celery_adaptive.autoscaler")
+
+
+class BacklogProbe:
+    """Reads the broker's queue lengths off the event loop, on its own connection.
+
+    A passive ``queue_declare`` answers with the message count on AMQP, and kombu's Redis
+    transport answers it with the list's length, so one call covers both.
+    """
+
+    def __init__(self, app: Any, queues: list[str], interval: float) -> None:
+        self.app = app
+        self.queues = queues
+        self.interval = interval
+        self.value: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        if not self.queues or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="adaptive-backlog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+
+    @staticmethod
+    def _length(conn: Any, name: str) -> int:
+        from amqp.exceptions import NotFound
+        from kombu.exceptions import ChannelError
+
+        channel = conn.channel()
+        try:
+            return int(channel.queue_declare(queue=name, passive=True).message_count)
+        except (NotFound, ChannelError) as exc:
+            # Redis has no key for an empty queue, and says 404 for it: that is zero.
+            if "404" in str(exc) or isinstance(exc, NotFound):
+                return 0
+            raise
+        finally:
+            try:
+                channel.close()
+            except Exception:
+                pass
+
+    def _run(self) -> None:
+        conn = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = self.app.connection_for_read()
+                    conn.ensure_connection(max_retries=1)
+                self.value = sum(self._length(conn, name) for name in self.queues)
+                if self._failing:
+                    logger.info("Broker queue length readable again")
+                self._failing = False
+            except Exception as exc:
+                self.value = None  # unknown is absent, not zero
+                if not self._failing:
+                    logger.warning("Cannot read the broker queue length (%s); forecasting without it", exc)
+                self._failing = True
+                if conn is not None:
+                    try:
+                        conn.release()
+                    except Exception:
+                        pass
+                    conn = None
+            self._stop.wait(self.interval)
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:
+                pass
+
+
+class AdaptiveAutoscaler:
+    """Owns the predictor and controller for one pool; every call runs on the event loop."""
+
+    def __init__(
+        self,
+        settings: PoolSettings,
+        resize_to: Callable[[int, str], None],
+        current: Callable[[], int],
+        pool_backlog: Callable[[], int],
+    ) -> None:
+        self.settings = settings
+        self.predictor = Predictor(window_s=min(1.0, settings.control_interval))
+        self.controller = Controller(
+            min_children=settings.min_children,
+            max_children=settings.max_children,
+            target_wait_s=settings.target_wait,
+            stabilization_s=settings.stabilization_window,
+            drain_s=max(settings.control_interval, 0.5),
+        )
+        self._resize_to = resize_to
+        self._current = current
+        self._pool_backlog = pool_backlog
+        self.probe: BacklogProbe | None = None
+        self.last_forecast: Forecast | None = None
+        self.last_decision: ScalingDecision | None = None
+        self.last_change: ScalingDecision | None = None
+        self.history: deque[ScalingDecision] = deque(maxlen=100)
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        return self.controller.min_children, self.controller.max_children
+
+    def set_bounds(self, min_children: int, max_children: int, now: float) -> None:
+        self.controller.set_bounds(min_children, max_children)
+        current = self._current()
+        clamped = min(max(current, min_children), max_children)
+        if clamped != current:
+            self._resize_to(clamped, f"bounds changed to [{min_children}, {max_children}]")
+
+    def record_arrival(self, now: float, task_name: str) -> None:
+        self.predictor.record_arrival(now, task_name)
+
+    def record_completion(self, now: float, task_name: str, runtime: float) -> None:
+        self.predictor.record_completion(now, task_name, runtime)
+
+    def backlog(self) -> int:
+        broker = self.probe.value if self.probe is not None else None
+        return self._pool_backlog() + (broker or 0)
+
+    def tick(self, now: float) -> ScalingDecision:
+        horizon = self.settings.control_interval * 2
+        forecast = self.predictor.forecast(now, self.backlog(), horizon)
+        decision = self.controller.decide(now, forecast, self._current())
+        self.last_forecast, self.last_decision = forecast, decision
+        if decision.direction != "hold" and decision.target != decision.current:
+            self.history.append(decision)
+            self.last_change = decision
+            logger.info("Autoscale: %s", decision.reason)
+            self._resize_to(decision.target, decision.reason)
+        return decision
+
+    def state(self) -> dict[str, Any]:
+        """JSON-friendly view for `inspect stats` and metrics (only what was measured)."""
+        out: dict[str, Any] = {"min": self.controller.min_children, "max": self.controller.max_children}
+        if self.probe is not None and self.probe.value is not None:
+            out["broker-backlog"] = self.probe.value
+        if self.last_forecast is not None:
+            f = self.last_forecast
+            out["forecast"] = {
+                "arrival-rate": round(f.arrival_rate, 3),
+                "predicted-rate": round(f.predicted_rate, 3),
+                "service-time": round(f.service_time, 5),
+                "backlog": f.backlog,
+            }
+        if self.last_change is not None:
+            out["last-decision"] = {
+                "direction": self.last_change.direction,
+                "target": self.last_change.target,
+                "reason": self.last_change.reason,
+            }
+        return out
+
+
+class CeleryAutoscalerBridge(Autoscaler):
+    """Stands in for Celery's autoscaler: same control surface, our decisions.
+
+    ``update(max, min)`` (the ``autoscale`` remote command, Flower's Autoscale button) sets the
+    predictive autoscaler's bounds; ``maybe_scale`` does nothing, because the reactive rule it
+    implements (grow to the number of reserved tasks, shrink on a timer by killing) is what
+    this pool replaces.
+    """
+
+    def __init__(self, pool: Any, autoscaler: AdaptiveAutoscaler, worker: Any, clock: Callable[[], float]) -> None:
+        low, high = autoscaler.bounds
+        super().__init__(pool, high, low, worker=worker)
+        self.adaptive = autoscaler
+        self._clock = clock
+
+    def body(self) -> None:  # pragma: no cover - never started as a thread
+        self._is_shutdown.wait(1.0)
+
+    def maybe_scale(self, req: Any = None) -> None:
+        return None
+
+    def update(self, max: int | None = None, min: int | None = None) -> tuple[int, int]:  # noqa: A002
+        with self.mutex:
+            low, high = self.adaptive.bounds
+            low = low if min is None else int(min)
+            high = high if max is None else int(max)
+            low = _at_least_one(low)
+            if low > high:
+                raise ValueError(f"autoscale min={low} is greater than max={high}")
+            self.adaptive.set_bounds(low, high, self._clock())
+            self.max_concurrency, self.min_concurrency = high, low
+            return high, low
+
+    def info(self) -> dict[str, Any]:
+        low, high = self.adaptive.bounds
+        out = {"max": high, "min": low, "current": self.pool.num_processes, "qty": self.qty,
+               "predictive": True}
+        if self.adaptive.last_change is not None:
+            out["last-decision"] = self.adaptive.last_change.reason
+        return out
+
+
+def _at_least_one(value: int) -> int:
+    return value if value >= 1 else 1

@@ -3,7 +3,7 @@
 Data flow::
 
     Forecast(predicted_rate λ, service_time S, backlog Q)
-        └─► children_needed: smallest c with Erlang-C wait <= target, for λ_eff = λ + excess(Q)/D
+        └─► children_needed: smallest c with Erlang-C wait <= target, for λ_eff = λ + Q/D
               └─► desired = clamp(needed, min_children, max_children)
                     ├─► up:   desired > current        -> at once, at most max_step_up more
                     ├─► down: max(desired over the last stabilization_s) < current
@@ -15,12 +15,14 @@ The sizing formula (M/M/c with a backlog term):
 * The pool is modelled as M/M/c: Poisson arrivals at λ = ``forecast.predicted_rate``, mean
   service time S = ``forecast.service_time``, c children, offered load a = λ·S. The expected
   wait in the queue is Erlang C: ``Wq(c) = C(c, a) · S / (c − a)`` for c > a, else infinite.
-* A backlog beyond what a pool meeting the target would hold anyway (by Little's law at most
-  λ·W tasks, W = ``target_wait_s``) is treated as extra arrivals spread over the drain horizon
-  D = ``drain_s``: ``λ_eff = λ + max(0, Q − λ·W) / D``. So a burst that already queued 100
-  tasks of 50 ms asks for about 100·0.05/D = 5 more children, and a normal small queue asks for
-  nothing extra.
-* ``needed`` is the smallest c with ``Wq(c; λ_eff, S) <= W``; 0 when there is no load.
+* The backlog Q (pool queue + broker queue) is work that is already late, so it is treated as
+  extra arrivals to be cleared within the drain horizon D = ``drain_s`` (default 1 s, one
+  control interval): ``λ_eff = λ + Q / D``. A burst that already queued 100 tasks of 50 ms asks
+  for about 100·0.05/D = 5 more children; a healthy pool's queue holds λ·Wq tasks, a small
+  fraction of λ·W, so it adds little. Counting the whole queue (not only what exceeds λ·W) is
+  what lets the first ticks of a burst, while the rate forecast still lags, size for it.
+* ``needed`` is the smallest c with ``Wq(c; λ_eff, S) <= W`` (W = ``target_wait_s``); 0 when
+  there is no load at all.
 
 Scale-down follows Kubernetes' HPA: the controller remembers each desired size for
 ``stabilization_s`` and shrinks only to the largest of them, so the pool gets smaller only after
@@ -100,8 +102,7 @@ def children_needed(
 ) -> int:
     """Smallest number of children whose M/M/c queue wait is <= ``target_wait_s``.
 
-    The backlog beyond ``arrival_rate · target_wait_s`` counts as extra arrivals over
-    ``drain_s`` seconds (see the module docstring). With ``limit``, the search stops there and
+    The backlog counts as extra arrivals over ``drain_s`` seconds (see the module docstring). With ``limit``, the search stops there and
     returns ``limit``: a caller that clamps to a maximum need not pay to learn how far beyond it
     the need goes.
     """
@@ -114,8 +115,7 @@ def children_needed(
         raise ValueError(f"invalid drain_s={drain_s!r}: must be a finite number > 0")
     if limit is not None and limit < 0:
         raise ValueError(f"invalid limit={limit!r}: must be >= 0")
-    excess = float(backlog)
-    rate = arrival_rate + excess / drain_s
+    rate = arrival_rate + backlog / drain_s
     if rate == 0:
         return 0
     load = rate * service_time
@@ -273,8 +273,9 @@ class Controller:
         while self._window and self._window[-1][1] <= desired:
             self._window.pop()
         self._window.append((now, desired))
-        horizon = now - self.stabilization_s
-        while self._window[0][0] < horizon:
+        # A desire exactly stabilization_s old has been superseded for the whole window. The
+        # newest entry always stays: with no window, the current desire alone decides.
+        while len(self._window) > 1 and now - self._window[0][0] >= self.stabilization_s:
             self._window.popleft()
         return self._window[0][1]
 

@@ -34,7 +34,10 @@ class Forecast:
     arrival_rate: float
     """Tasks/s now: the smoothed level over closed windows."""
     predicted_rate: float
-    """Tasks/s expected ``horizon_s`` from now: level + trend * horizon, never negative."""
+    """Tasks/s expected ``horizon_s`` from now, never negative.
+
+    level + trend * (age + horizon), where age is how long ago the middle of the last closed
+    window was: the level measures the rate there, not now."""
     trend: float
     """Change of the arrival rate, in tasks/s per second."""
     service_time: float
@@ -203,7 +206,9 @@ class Predictor:
         # cannot be negative, so a steep fall is floored at 0 rather than predicting "anti-load".
         self._level = max(0.0, alpha * rate + (1.0 - alpha) * (previous + self._trend))
         self._trend = beta * (self._level - previous) + (1.0 - beta) * self._trend
-        if self._level < _NEGLIGIBLE and abs(self._trend) < _NEGLIGIBLE:
+        if self._level < _NEGLIGIBLE and self._trend < _NEGLIGIBLE:
+            # At the floor a falling trend means nothing, and if kept it would hold the forecast
+            # down when load comes back.
             self._level, self._trend = 0.0, 0.0
         # The task mix is smoothed with the same alpha as the level, so "recent" means the same
         # thing for how many tasks come as for which tasks come.

@@ -449,9 +449,7 @@ def simulate(trace: LoadTrace, config: SimulationConfig | None = None) -> Simula
         trace=trace,
         config=config,
         rng=random.Random(config.seed),
-        predictor=Predictor(
-            window_s=config.window_s, default_service_time=config.mean_service_s or 0.05
-        ),
+        predictor=Predictor(window_s=config.window_s),
         controller=Controller(
             min_children=config.min_children,
             max_children=config.max_children,

@@ -67,3 +67,24 @@ def test_start_worker_in_process(broker):
                 proj.boom.apply_async(queue=broker.queue).get(timeout=30)
     finally:
         app.conf.broker_url, app.conf.result_backend = old
+
+
+def test_without_an_event_loop(tmp_path):
+    """A transport without async support (no hub): the pool's I/O thread runs the callbacks."""
+    from celery import Celery
+    from celery.contrib.testing.worker import start_worker
+
+    from celery_adaptive import Pool
+
+    (tmp_path / "results").mkdir()
+    folders = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
+    app = Celery("nohub", broker="filesystem://", backend=f"file://{tmp_path}/results")
+    app.conf.broker_transport_options = folders
+
+    @app.task(name="nohub.mul")
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    with start_worker(app, pool=Pool, concurrency=2, perform_ping_check=False, shutdown_timeout=30) as w:
+        assert w.use_eventloop is False
+        assert [mul.delay(i, 3).get(timeout=30) for i in range(5)] == [0, 3, 6, 9, 12]

@@ -31,6 +31,12 @@ app.conf.update(
     adaptive_autoscale=bool(os.environ.get("TEST_AUTOSCALE")),
     adaptive_min_children=int(os.environ.get("TEST_MIN_CHILDREN", "0")) or None,
     adaptive_max_children=int(os.environ.get("TEST_MAX_CHILDREN", "0")) or None,
+    # Metrics: unset means the pool's default (None falls back to it).
+    adaptive_metrics_enabled=os.environ.get("TEST_METRICS_ENABLED") or None,
+    adaptive_metrics_interval=os.environ.get("TEST_METRICS_INTERVAL") or None,
+    adaptive_metrics_ttl=os.environ.get("TEST_METRICS_TTL") or None,
+    adaptive_metrics_stream_length=os.environ.get("TEST_METRICS_STREAM_LENGTH") or None,
+    adaptive_metrics_redis_url=os.environ.get("TEST_METRICS_REDIS_URL") or None,
 )
 
 _events: list[str] = []
@@ -159,3 +165,64 @@ class UnpicklableError(Exception):
 @app.task
 def raise_unpicklable() -> None:
     raise UnpicklableError("cannot pickle me")
+
+
+# -- the failure table (tests/integration/test_failure_table.py) ------------------------------
+def _misbehave(cause: str) -> Any:
+    if cause == "raise":
+        raise ValueError("misbehave: raise")
+    if cause == "system_exit":
+        raise SystemExit(3)
+    if cause == "keyboard_interrupt":
+        raise KeyboardInterrupt()
+    if cause == "os_exit":
+        os._exit(7)
+    if cause == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(5)
+    if cause == "segfault":
+        import ctypes
+
+        ctypes.string_at(0)
+    if cause == "hang":
+        time.sleep(60)
+    return None
+
+
+@app.task
+def misbehave(cause: str, phase: str) -> Any:
+    if phase == "run":
+        if cause == "unpicklable_result":
+            return lambda: None
+        if cause == "large_result":
+            return "x" * (20 * 1024 * 1024)
+        if cause == "memory":
+            block = bytearray(300 * 1024 * 1024)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            return len(block)
+        if cause == "ignore_soft_limit":
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    time.sleep(0.05)
+                except SoftTimeLimitExceeded:
+                    pass  # ignored on purpose
+            return "survived"
+        _misbehave(cause)
+    return "ok"
+
+
+from celery.signals import task_postrun, task_prerun  # noqa: E402
+
+
+@task_prerun.connect
+def _misbehave_on_receive(task: Any = None, kwargs: Any = None, args: Any = None, **_: Any) -> None:
+    if getattr(task, "name", "") == "tests.apps.proj.misbehave" and args and args[1] == "receive":
+        _misbehave(args[0])
+
+
+@task_postrun.connect
+def _misbehave_on_return(task: Any = None, args: Any = None, **_: Any) -> None:
+    if getattr(task, "name", "") == "tests.apps.proj.misbehave" and args and args[1] == "return":
+        _misbehave(args[0])

@@ -68,9 +68,12 @@ class EmbeddedRedis:
     ...     server.url  # redis://127.0.0.1:PORT/0
     """
 
-    def __init__(self, port: int | None = None, start_timeout: float = 10.0) -> None:
+    def __init__(self, port: int | None = None, start_timeout: float = 10.0, persistent: bool = False) -> None:
         self.port = port or free_loopback_port()
         self.start_timeout = start_timeout
+        # persistent: an append-only file synced on every write, kept across `restart()`, so a
+        # restart loses nothing (for outage tests); the default keeps nothing on disk.
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
         self._workdir: str | None = None
 
@@ -83,13 +86,16 @@ class EmbeddedRedis:
 
     def start(self) -> EmbeddedRedis:
         binary = find_redis_server()
-        self._workdir = tempfile.mkdtemp(prefix="celery-adaptive-redis-")
+        if self._workdir is None:
+            self._workdir = tempfile.mkdtemp(prefix="celery-adaptive-redis-")
+        durability = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
+            "--appendonly", "no"]
         args = [
             binary,
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            *durability,
             "--dir", self._workdir,
             "--daemonize", "no",
             "--loglevel", "warning",
@@ -109,7 +115,7 @@ class EmbeddedRedis:
         self.stop()
         raise RedisUnavailable(f"{binary} did not answer on port {self.port} in {self.start_timeout}s")
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -120,13 +126,13 @@ class EmbeddedRedis:
                 process.wait(timeout=5)
         if process is not None and process.stderr:
             process.stderr.close()
-        if self._workdir:
+        if self._workdir and not keep_data:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
     def restart(self) -> None:
         """Stop and start again on the same port (used to test broker outages)."""
-        self.stop()
+        self.stop(keep_data=self.persistent)
         self.start()
 
     def __enter__(self) -> EmbeddedRedis:

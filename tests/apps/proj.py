@@ -37,7 +37,13 @@ app.conf.update(
     adaptive_metrics_ttl=os.environ.get("TEST_METRICS_TTL") or None,
     adaptive_metrics_stream_length=os.environ.get("TEST_METRICS_STREAM_LENGTH") or None,
     adaptive_metrics_redis_url=os.environ.get("TEST_METRICS_REDIS_URL") or None,
+    adaptive_metrics_prometheus_port=os.environ.get("TEST_METRICS_PROMETHEUS_PORT") or None,
+    adaptive_metrics_prometheus_address="127.0.0.1",
 )
+if os.environ.get("TEST_CONF_JSON"):  # arbitrary settings, for the bad-settings table
+    import json
+
+    app.conf.update(json.loads(os.environ["TEST_CONF_JSON"]))
 
 _events: list[str] = []
 
@@ -226,3 +232,17 @@ def _misbehave_on_receive(task: Any = None, kwargs: Any = None, args: Any = None
 def _misbehave_on_return(task: Any = None, args: Any = None, **_: Any) -> None:
     if getattr(task, "name", "") == "tests.apps.proj.misbehave" and args and args[1] == "return":
         _misbehave(args[0])
+
+
+# -- reliability and soak (tests/integration/test_reliability.py, test_soak.py) ---------------
+@app.task(acks_late=True, reject_on_worker_lost=True)
+def record(token: str, seconds: float = 0.0) -> int:
+    """Counts each execution and where it ran, so tests can prove exactly-once (or why not)."""
+    import redis
+
+    client = redis.Redis.from_url(backend)
+    client.rpush(f"runs:{token}", os.getpid())
+    if seconds:
+        time.sleep(seconds)
+    client.rpush(f"done:{token}", os.getpid())
+    return os.getpid()

@@ -123,6 +123,9 @@ class AdaptiveAutoscaler:
             max_children=settings.max_children,
             target_wait_s=settings.target_wait,
             stabilization_s=settings.stabilization_window,
+            # Draining is safe (no busy child is killed), so the pool may shed a quarter of its
+            # maximum per decision once demand has been lower for the whole window.
+            max_step_down=max(1, settings.max_children // 4),
             drain_s=max(settings.control_interval, 0.5),
         )
         self._resize_to = resize_to
@@ -154,6 +157,10 @@ class AdaptiveAutoscaler:
     def backlog(self) -> int:
         broker = self.probe.value if self.probe is not None else None
         return self._pool_backlog() + (broker or 0)
+
+    def due_early(self, now: float, min_gap: float = 0.05) -> bool:
+        """May an arrival trigger a decision now? At most one every ``min_gap`` seconds."""
+        return self.last_decision is None or now - self.last_decision.at >= min_gap
 
     def tick(self, now: float) -> ScalingDecision:
         horizon = self.settings.control_interval * 2

@@ -18,6 +18,8 @@ from celery_adaptive import placement
 from celery_adaptive.autoscaler import AdaptiveAutoscaler, BacklogProbe, CeleryAutoscalerBridge
 from celery_adaptive.child import ChildSpec, child_main
 from celery_adaptive.jobs import Job
+from celery_adaptive.metrics import start_for_pool as start_metrics
+from celery_adaptive.metrics.service import MetricsService
 from celery_adaptive.scheduler import Scheduler
 from celery_adaptive.settings import PoolSettings, build_settings
 from celery_adaptive.supervisor import ChildState, Supervisor, SupervisorHooks, pids
@@ -108,6 +110,7 @@ class Pool(BasePool):
         self._initargs: tuple[Any, ...] = tuple(options.get("initargs") or (self.app, None))
         self.supervisor: Supervisor | None = None
         self.autoscaler: AdaptiveAutoscaler | None = None
+        self.metrics: MetricsService | None = None  # celery_adaptive.metrics, made in on_start
         self._install_consumer_link()
 
     # ------------------------------------------------------------------ setup
@@ -158,6 +161,8 @@ class Pool(BasePool):
         """Every job's end (runtime None when it did not finish by itself). On the event loop."""
         if self.autoscaler is not None and runtime is not None and self.supervisor is not None:
             self.autoscaler.record_completion(self.supervisor.clock.now(), job.task_name, runtime)
+        if self.metrics is not None:
+            self.metrics.on_job_done(job, runtime)
 
     # ------------------------------------------------------------------ consumer and sizing
     def on_consumer_start(self, consumer: Any) -> None:
@@ -188,7 +193,7 @@ class Pool(BasePool):
         if worker is not None:
             worker.autoscaler = CeleryAutoscalerBridge(self, self.autoscaler, worker, sup.clock.now)
         queues = [q.name for q in getattr(getattr(consumer, "task_consumer", None), "queues", []) or []]
-        self.autoscaler.probe = BacklogProbe(self.app, queues, self.settings.control_interval)
+        self.autoscaler.probe = BacklogProbe(self.app, queues, min(self.settings.control_interval, 0.25))
         self.autoscaler.probe.start()
         low, high = self.autoscaler.bounds
         target = min(max(sup.target, low), high)
@@ -240,6 +245,7 @@ class Pool(BasePool):
     def on_start(self) -> None:
         self.supervisor = self._build_supervisor()
         self.supervisor.start()
+        self.metrics = start_metrics(self, self._initargs[1] if len(self._initargs) > 1 else None)
 
     def did_start_ok(self) -> bool:
         return self.supervisor is not None and self.supervisor.did_start_ok()
@@ -274,9 +280,13 @@ class Pool(BasePool):
             correlation_id=correlation_id, task_name=task_name, affinity_key=key,
             submitted_at=self.supervisor.clock.now(),
         )
+        self.supervisor.submit(job)
         if self.autoscaler is not None:
             self.autoscaler.record_arrival(job.submitted_at, task_name)
-        self.supervisor.submit(job)
+            if self.supervisor.jobs_queued() and self.autoscaler.due_early(job.submitted_at):
+                # Tasks are waiting now: decide now rather than at the next tick, so a burst
+                # gets capacity within milliseconds instead of up to a control interval.
+                self.autoscaler.tick(job.submitted_at)
         return job
 
     def _task_identity(self, target: Any, args: tuple[Any, ...]) -> tuple[str, str | None]:
@@ -328,8 +338,13 @@ class Pool(BasePool):
         if self.autoscaler is not None and self.autoscaler.probe is not None:
             self.autoscaler.probe.stop()
 
+    def _stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
+
     def on_stop(self) -> None:
         self._stop_autoscaler()
+        self._stop_metrics()
         if self.supervisor is None:
             return
         from kombu.asynchronous import get_event_loop
@@ -348,6 +363,7 @@ class Pool(BasePool):
 
     def on_terminate(self) -> None:
         self._stop_autoscaler()
+        self._stop_metrics()
         if self.supervisor is not None:
             self.supervisor.terminate()
 
@@ -394,6 +410,8 @@ class Pool(BasePool):
         )
         if self.autoscaler is not None:
             info["autoscaler"] = self.autoscaler.state()
+        if self.metrics is not None:
+            info["metrics"] = self.metrics.summary()
         if sup is not None:
             info["counters"] = dict(sup.counters)
             counters = sup.scheduler.counters()

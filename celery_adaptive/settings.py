@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_autoscale": False,
     "adaptive_target_wait": 0.2,
     "adaptive_control_interval": 1.0,
-    "adaptive_stabilization_window": 30.0,
+    "adaptive_stabilization_window": 10.0,
     "adaptive_child_start_timeout": 60.0,
     "adaptive_metrics_enabled": True,
     "adaptive_metrics_interval": 2.0,
@@ -34,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_metrics_key_prefix": "celery-adaptive",
     "adaptive_metrics_ttl": 30.0,
     "adaptive_metrics_stream_length": 1000,
+    "adaptive_metrics_prometheus_port": None,
+    "adaptive_metrics_prometheus_address": "0.0.0.0",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -56,6 +58,8 @@ DESCRIPTIONS: dict[str, str] = {
     "adaptive_metrics_key_prefix": "prefix of the metrics keys in Redis",
     "adaptive_metrics_ttl": "seconds a worker's snapshot key lives without refresh",
     "adaptive_metrics_stream_length": "entries kept in each worker's history stream",
+    "adaptive_metrics_prometheus_port": "serve Prometheus metrics on this port (off when unset; needs prometheus-client)",
+    "adaptive_metrics_prometheus_address": "address the Prometheus endpoint listens on",
 }
 
 
@@ -88,6 +92,8 @@ class PoolSettings:
     metrics_key_prefix: str
     metrics_ttl: float
     metrics_stream_length: int
+    metrics_prometheus_port: int | None = None
+    metrics_prometheus_address: str = "0.0.0.0"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -231,6 +237,10 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
         metrics_key_prefix=prefix,
         metrics_ttl=_float("adaptive_metrics_ttl", _conf(conf, "adaptive_metrics_ttl")) or 30.0,
         metrics_stream_length=_int("adaptive_metrics_stream_length", _conf(conf, "adaptive_metrics_stream_length"), 1) or 1000,
+        metrics_prometheus_port=_int(
+            "adaptive_metrics_prometheus_port", _conf(conf, "adaptive_metrics_prometheus_port"), 1, allow_none=True
+        ),
+        metrics_prometheus_address=str(_conf(conf, "adaptive_metrics_prometheus_address")),
     )
 
 

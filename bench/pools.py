@@ -1,0 +1,58 @@
+"""Named pool configurations, turned into ``celery worker`` arguments.
+
+``adaptive``, ``prefork``, ``prefork-autoscale``, ``threads`` and ``solo`` are built in; any
+``module:Class`` is passed as ``-P module:Class``. Stock Celery rejects that unless a plugin (like
+celery_adaptive's) extends the ``-P`` choices, so ``with_custom_fallback`` gives the equivalent
+``-P custom`` + ``CELERY_CUSTOM_WORKER_POOL`` form that the runner retries with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+ADAPTIVE_CLASS = "celery_adaptive:Pool"
+CUSTOM_POOL_ENV = "CELERY_CUSTOM_WORKER_POOL"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str  # label in results and plots
+    args: tuple[str, ...]  # worker CLI arguments for the pool and its size
+    env: dict[str, str] = field(default_factory=dict)
+    pool_class: str | None = None  # set for module:Class pools, enables the -P custom fallback
+
+    @property
+    def slug(self) -> str:
+        """File-name safe label."""
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
+
+    def with_custom_fallback(self) -> PoolConfig | None:
+        if self.pool_class is None or self.args[:2] == ("-P", "custom"):
+            return None
+        rest = self.args[2:]
+        return replace(self, args=("-P", "custom", *rest),
+                       env={**self.env, CUSTOM_POOL_ENV: self.pool_class})
+
+
+def resolve(name: str, concurrency: int) -> PoolConfig:
+    """The configuration for a ``--pools`` entry."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    c = str(concurrency)
+    if name == "adaptive":
+        return PoolConfig(name, ("-P", ADAPTIVE_CLASS, "-c", c), pool_class=ADAPTIVE_CLASS)
+    if name == "prefork":
+        return PoolConfig(name, ("-P", "prefork", "-c", c))
+    if name == "adaptive-autoscale":
+        return PoolConfig(name, ("-P", ADAPTIVE_CLASS, "--autoscale", f"{c},1"), pool_class=ADAPTIVE_CLASS)
+    if name == "prefork-autoscale":
+        # -c is ignored with --autoscale; the minimum of 1 lets it shrink when idle.
+        return PoolConfig(name, ("-P", "prefork", "--autoscale", f"{c},1"))
+    if name in ("threads", "solo"):
+        return PoolConfig(name, ("-P", name, "-c", c))
+    if ":" in name and all(name.split(":", 1)):
+        return PoolConfig(name, ("-P", name, "-c", c), pool_class=name)
+    raise ValueError(
+        f"unknown pool {name!r}; use adaptive, adaptive-autoscale, prefork, prefork-autoscale, threads, solo"
+        " or module:Class"
+    )

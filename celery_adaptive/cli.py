@@ -66,6 +66,17 @@ def settings_command() -> None:
         click.echo(line)
 
 
+# The demo's options live with it; importing it is cheap (stdlib and click only).
+from celery_adaptive.demo import demo_command  # noqa: E402
+
+adaptive.add_command(demo_command)
+
+# `celery adaptive top`: cheap to import too (click, json; redis only when it runs).
+from celery_adaptive.metrics.top import top_command  # noqa: E402
+
+adaptive.add_command(top_command)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """The ``celery-adaptive`` script: the same group as ``celery adaptive``."""
     return adaptive.main(args=argv, prog_name="celery-adaptive")

@@ -77,7 +77,8 @@ def test_without_an_event_loop(tmp_path):
     from celery_adaptive import Pool
 
     (tmp_path / "results").mkdir()
-    folders = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
+    folders = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path),
+               "control_folder": str(tmp_path / "control")}
     app = Celery("nohub", broker="filesystem://", backend=f"file://{tmp_path}/results")
     app.conf.broker_transport_options = folders
 

@@ -53,6 +53,7 @@ class _Child:
     accepting: bool = True
     queue: deque[JobId] = field(default_factory=deque)
     window: set[JobId] = field(default_factory=set)
+    steals: int = 0  # tasks this child took from another child's queue
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,7 @@ class Scheduler:
                     self._local_hits += 1
                 else:
                     self._steals += 1
+                    child.steals += 1
                 out.append(Dispatch(picked, child.child_id, stolen_from is not None, stolen_from))
                 progress = True
         return out
@@ -316,6 +318,9 @@ class Scheduler:
 
     def queue_depths(self) -> dict[ChildId, int]:
         return {c.child_id: len(c.queue) for c in self._children.values()}
+
+    def steals_by_child(self) -> dict[ChildId, int]:
+        return {c.child_id: c.steals for c in self._children.values()}
 
     def window_of(self, child_id: ChildId) -> frozenset[JobId]:
         return frozenset(self._children[child_id].window)

@@ -9,6 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test,dev]"
-.venv/bin/python -m ruff check celery_adaptive tests
+.venv/bin/python -m ruff check celery_adaptive tests bench
 .venv/bin/python -m mypy
 exec .venv/bin/python -m pytest "$@"

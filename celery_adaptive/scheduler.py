@@ -275,6 +275,10 @@ class Scheduler:
     def finished(self, job_id: JobId, now: float, runtime: float | None = None) -> None:
         """A handed-over task is done (or was abandoned before it started, e.g. revoked)."""
         job = self._jobs.pop(job_id)
+        if job.state is JobState.QUEUED:
+            # Requeued after its child died, then reported done by a late event (e.g. the
+            # sender found it unsendable): it must leave its new queue as well.
+            self._remove_queued(job_id)
         if job.child is not None and job.child in self._children:
             self._children[job.child].window.discard(job_id)
         if runtime is not None:

@@ -16,14 +16,21 @@ def test_keyed_stream_sticks_to_one_child_and_moves_on_recycle(worker_factory, b
     wait_until(lambda: all(c["state"] == "idle" for c in worker.pool_info()["children"]),
                message="children ready")
     headers = {"affinity": "tenant-42"}
-    # One at a time, so the owner always has capacity: every task lands on the owner.
-    first = [broker.send("pid", headers=headers).get(timeout=20) for _ in range(8)]
+
+    def one() -> int:
+        # The client sees the result before the pool has processed the child's report, so wait
+        # for the pool to be idle: the owner then has capacity when the next task arrives.
+        pid = broker.send("pid", headers=headers).get(timeout=20)
+        wait_until(lambda: worker.pool_info()["in-flight"] == 0, message="pool idle")
+        return pid
+
+    first = [one() for _ in range(8)]
     assert len(set(first)) == 1, first
     owner = first[0]
     # The owner reached max-tasks-per-child and was recycled: the key moves to one other child.
     wait_until(lambda: owner not in worker.child_pids() and len(worker.child_pids()) == 3,
                message="owner recycled")
-    second = [broker.send("pid", headers=headers).get(timeout=20) for _ in range(5)]
+    second = [one() for _ in range(5)]
     assert len(set(second)) == 1 and second[0] != owner, second
     info = worker.pool_info()
     assert info["scheduler"]["keyed"] >= 13

@@ -67,7 +67,11 @@ def test_soak_with_kills_and_resizes(worker_factory, broker):
     done = _lists(broker, "done", tokens)
     reruns = 0
     for token, ran, finished in zip(tokens, runs, done, strict=True):
-        assert len(finished) == 1, (token, finished)  # completed exactly once
+        assert len(finished) >= 1, token
+        if len(finished) > 1:
+            # Finished twice only if the child was killed after the body ended but before the
+            # pool reported it (so Celery never acked it): that child is among the killed.
+            assert {int(p) for p in finished[:-1]} <= killed, (token, finished, killed)
         if len(ran) > 1:
             reruns += 1
             # It ran more than once only because a child was killed while running it.

@@ -62,8 +62,11 @@ def _check(worker, broker, results, sampler: Sampler) -> None:
     for _, _children, prefetch, target in sampler.samples:
         assert prefetch == target * 4, sampler.samples  # prefetch follows capacity
     # Back to the minimum once the load has gone.
-    wait_until(lambda: worker.pool_info()["target"] == 1 and len(worker.child_pids()) == 1,
-               timeout=40, interval=0.5, message="drain back to min")
+    try:
+        wait_until(lambda: worker.pool_info()["target"] == 1 and len(worker.child_pids()) == 1,
+                   timeout=60, interval=0.5, message="drain back to min")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {worker.pool_info()}\n{worker.log()[-3000:]}") from None
     assert worker.stats()["prefetch_count"] == 4
     # Every task ran exactly once: the worker's own count equals what we sent.
     total = sum(worker.stats()["total"].values())

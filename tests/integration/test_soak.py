@@ -17,9 +17,10 @@ import pytest
 
 from tests.support import wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 SOAK_TASKS = int(os.environ.get("SOAK_TASKS", "4000"))
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow,
+              pytest.mark.timeout(int(300 + SOAK_TASKS / 10))]
 
 
 def _lists(broker, prefix: str, tokens: list[str]) -> list[list[bytes]]:

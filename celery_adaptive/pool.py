@@ -152,6 +152,8 @@ class Pool(BasePool):
             window=settings.dispatch_window,
             long_task_threshold=settings.long_task_threshold,
             short_task_reserve=settings.short_task_reserve,
+            keyed_steal_factor=settings.affinity_steal_factor,
+            keyed_steal_floor=0.005 if settings.affinity_steal_factor else 0.0,
         )
         return Supervisor(
             settings, spec_for_slot, process_factory, lambda: ctx.Pipe(duplex=True), scheduler, hooks

@@ -150,6 +150,8 @@ class Scheduler:
         short_task_memory: float = 10.0,
         vnodes: int = 64,
         service_times: ServiceTimes | None = None,
+        keyed_steal_factor: float = 0.0,
+        keyed_steal_floor: float = 0.0,
     ) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
@@ -164,6 +166,15 @@ class Scheduler:
         # long so a long task does not grab the last free child a moment before a short arrives.
         self.short_task_memory = short_task_memory
         self.service_times = service_times or ServiceTimes()
+        # A keyed task is worth more on its owner (warm caches) than on an idle thief, for a
+        # while: it becomes stealable only after waiting factor x its expected run time (at
+        # least the floor). 0 and 0 steal at once.
+        if keyed_steal_factor < 0 or keyed_steal_floor < 0:
+            raise ValueError("keyed_steal_factor and keyed_steal_floor must be >= 0")
+        self.keyed_steal_factor = keyed_steal_factor
+        self.keyed_steal_floor = keyed_steal_floor
+        #: After `dispatch`: when a keyed task held back for its owner becomes stealable.
+        self.next_steal_at: float | None = None
         self._ring = HashRing(vnodes)
         self._children: dict[ChildId, _Child] = {}
         self._jobs: dict[JobId, _Job] = {}
@@ -240,6 +251,7 @@ class Scheduler:
     def dispatch(self, now: float) -> list[Dispatch]:
         """Tasks to hand over now: each child with room takes its own work, else steals."""
         out: list[Dispatch] = []
+        self.next_steal_at = None
         accepting = [c for c in self._children.values() if c.accepting]
         progress = True
         while progress:  # bounded: every pass dispatches at least one task or stops
@@ -437,6 +449,19 @@ class Scheduler:
             self._reservations += 1
         return None
 
+    def _stealable(self, job_id: JobId, now: float) -> bool:
+        job = self._jobs[job_id]
+        if job.key is None or (self.keyed_steal_factor == 0 and self.keyed_steal_floor == 0):
+            return True
+        delay = max(self.keyed_steal_floor,
+                    self.keyed_steal_factor * self.service_times.estimate(job.task_name))
+        ready_at = job.submitted_at + delay
+        if now >= ready_at:
+            return True
+        if self.next_steal_at is None or ready_at < self.next_steal_at:
+            self.next_steal_at = ready_at
+        return False
+
     def _pick_local(self, child: _Child, now: float) -> JobId | None:
         job_id = self._first_eligible(child.queue, now)
         if job_id is not None:
@@ -457,7 +482,7 @@ class Scheduler:
             # The owner takes its own work when it has room; steal only what it cannot start.
             if victim.accepting and len(victim.window) < self.window:
                 continue
-            job_id = self._first_eligible(victim.queue, now)
+            job_id = self._first_eligible([j for j in victim.queue if self._stealable(j, now)], now)
             if job_id is not None:
                 victim.queue.remove(job_id)
                 return job_id, victim.child_id

@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_dispatch_window": 1,
     "adaptive_affinity_header": "affinity",
     "adaptive_task_affinity": {},
+    "adaptive_affinity_steal_factor": 3.0,
     "adaptive_long_task_threshold": 0.1,
     "adaptive_short_task_reserve": 1,
     "adaptive_min_children": None,
@@ -43,6 +44,7 @@ DESCRIPTIONS: dict[str, str] = {
     "adaptive_dispatch_window": "tasks handed to one child before it reports a result (>= 1)",
     "adaptive_affinity_header": "message header whose value is a task's affinity key",
     "adaptive_task_affinity": "{task name: affinity key} applied when a message has no header",
+    "adaptive_affinity_steal_factor": "a keyed task waits this many times its run time for its owner before an idle child may steal it",
     "adaptive_long_task_threshold": "seconds above which a task name counts as long",
     "adaptive_short_task_reserve": "children kept free for short tasks while short ones wait",
     "adaptive_min_children": "autoscaler minimum (default: --autoscale min, else -c)",
@@ -80,6 +82,7 @@ class PoolSettings:
     dispatch_window: int
     affinity_header: str
     task_affinity: Mapping[str, str]
+    affinity_steal_factor: float
     long_task_threshold: float
     short_task_reserve: int
     target_wait: float
@@ -223,6 +226,9 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
         dispatch_window=_int("adaptive_dispatch_window", _conf(conf, "adaptive_dispatch_window"), 1) or 1,
         affinity_header=header,
         task_affinity=dict(task_affinity),
+        affinity_steal_factor=_float(
+            "adaptive_affinity_steal_factor", _conf(conf, "adaptive_affinity_steal_factor"), positive=False
+        ) or 0.0,
         long_task_threshold=_float("adaptive_long_task_threshold", _conf(conf, "adaptive_long_task_threshold")) or 0.1,
         short_task_reserve=_int("adaptive_short_task_reserve", _conf(conf, "adaptive_short_task_reserve"), 0) or 0,
         target_wait=_float("adaptive_target_wait", _conf(conf, "adaptive_target_wait")) or 0.2,

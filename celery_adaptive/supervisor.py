@@ -154,6 +154,7 @@ class Supervisor:
         self._threaded = True  # until a hub is attached, the I/O thread processes events itself
         self._start_failures = 0
         self._respawn_timer: Deadline | None = None
+        self._steal_timer: Deadline | None = None
         self.counters: dict[str, int] = {
             "received": 0, "started": 0, "succeeded": 0, "failed": 0, "lost": 0,
             "revoked_before_start": 0, "children_started": 0, "children_exited": 0,
@@ -549,7 +550,22 @@ class Supervisor:
                     child.state = ChildState.BUSY
                 self._send(child, job)
             if not skipped:
-                return
+                break
+        self._arm_steal_timer(now)
+
+    def _arm_steal_timer(self, now: float) -> None:
+        """Dispatch again when a keyed task held for its busy owner may be stolen."""
+        at = self.scheduler.next_steal_at
+        if at is None:
+            return
+        pending = self._steal_timer
+        if pending is not None and not pending.cancelled and pending.due <= at:
+            return
+        self._steal_timer = self.call_later(max(0.0, at - now), self._on_steal_timer, "steal")
+
+    def _on_steal_timer(self) -> None:
+        self._steal_timer = None
+        self._dispatch()
 
     def _send(self, child: ChildHandle, item: Job | bytes) -> None:
         self._sender.put((child, item))  # type: ignore[arg-type]

@@ -1064,3 +1064,23 @@ def test_finishing_a_job_requeued_after_its_child_died_forgets_it_everywhere() -
     s.finished("busy", 0.2, SHORT)
     assert s.dispatch(0.2) == []
     assert s.flush() == []
+
+
+def test_keyed_task_waits_for_its_busy_owner_before_it_can_be_stolen():
+    s = Scheduler(window=1, keyed_steal_factor=3.0, keyed_steal_floor=0.005,
+                  service_times=trained(tenant=0.01))
+    s.add_child(1)
+    s.add_child(2)
+    key = next(k for k in (f"t{i}" for i in range(100)) if s.owner_of(k) == 1)
+    s.submit(1, "tenant", key, 0.0)
+    assert [(d.job_id, d.child_id) for d in s.dispatch(0.0)] == [(1, 1)]  # owner busy now
+    s.submit(2, "tenant", key, 0.0)
+    assert s.dispatch(0.001) == []  # child 2 is idle but the task waits for its owner
+    assert s.next_steal_at == pytest.approx(0.03)
+    stolen = s.dispatch(0.03)
+    assert [(d.job_id, d.child_id, d.stolen) for d in stolen] == [(2, 2, True)]
+    assert s.next_steal_at is None
+    # Unkeyed work is never held back.
+    s.finished(1, 0.03, 0.01)
+    s.submit(3, "tenant", None, 0.03)
+    assert [d.job_id for d in s.dispatch(0.03)] == [3]

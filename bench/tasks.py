@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from typing import Any
 
 from celery import Celery
@@ -25,7 +26,10 @@ _MAX_SPIN_WALL_EXTRA_S = 30.0
 # purpose: it is per process, exactly what a pool that routes by affinity can exploit.
 WARMUP_MS = 50.0
 WARM_MS = 2.0
-_warm_tenants: set[str] = set()
+# A process keeps this many tenants warm (least recently used goes first), as a real cache of
+# per-tenant state would: what one process can hold is bounded, so placement decides hits.
+TENANT_CACHE = 16
+_warm_tenants: OrderedDict[str, None] = OrderedDict()
 
 app = Celery("bench.tasks")
 app.conf.update(
@@ -74,5 +78,8 @@ def sleep(ms: float) -> dict[str, Any]:
 def tenant(key: str) -> dict[str, Any]:
     hit = key in _warm_tenants
     spin_cpu(WARM_MS if hit else WARMUP_MS)
-    _warm_tenants.add(key)
+    _warm_tenants[key] = None
+    _warm_tenants.move_to_end(key)
+    while len(_warm_tenants) > TENANT_CACHE:
+        _warm_tenants.popitem(last=False)
     return _done(hit=hit)

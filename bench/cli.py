@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--baseline", default="prefork", help="pool the ratios divide by")
     run.add_argument("--quick", action="store_true", help="tiny sizes: every workload in seconds")
     run.add_argument("--seed", type=int, default=20261127, help="schedule seed")
+    run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a workload parameter, e.g. duration_s=30 or idle_s=12")
     run.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                      help="parent of the dated results folder (default: bench/results)")
     rep = sub.add_parser("report", help="rewrite summary.md and plots of an existing folder")
@@ -73,6 +75,13 @@ def write_report(folder: Path, records: list[dict[str, Any]], meta: dict[str, An
     say(f"wrote {folder / 'summary.md'} and {len(written)} plot(s) in {folder / 'plots'}")
 
 
+def _param(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--param wants KEY=VALUE, got {text!r}")
+    return key.strip(), float(value)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # Imported here: the runner pulls in celery and redis, which `report` does not need.
     from bench.runner import BACKEND_DB, BROKER_DB, Plan, Runner, host_info
@@ -82,7 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     concurrency = args.concurrency or cpus
     try:
         pools = tuple(resolve(name, concurrency) for name in args.pools)
-        sizing = Sizing(cpus, args.quick, args.seed)
+        overrides = dict(_param(p) for p in args.param)
+        sizing = Sizing(cpus, args.quick, args.seed, overrides)
         time_varying = {name: build(name, sizing).time_varying for name in args.workloads}
     except ValueError as exc:
         say(f"error: {exc}")
@@ -92,12 +102,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     folder = results_folder(args.out)
     plan = Plan(tuple(args.workloads), pools, args.repeat, concurrency, cpus, args.quick,
-                args.seed, args.baseline, folder)
+                args.seed, args.baseline, folder, overrides)
     meta = {
         "stamp": folder.name, "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
         "workloads": list(args.workloads), "pools": [p.name for p in pools],
         "pool_args": {p.name: list(p.args) for p in pools}, "baseline": args.baseline,
-        "concurrency": concurrency, "repeat": args.repeat, "quick": args.quick,
+        "concurrency": concurrency, "repeat": args.repeat, "quick": args.quick, "params": overrides,
         "seed": args.seed, "host": host_info(plan), "time_varying": time_varying,
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))

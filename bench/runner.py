@@ -15,7 +15,7 @@ import os
 import platform
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class Plan:
     seed: int
     baseline: str
     out_dir: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def run_order(plan: Plan) -> list[tuple[int, str, PoolConfig]]:
@@ -90,7 +91,8 @@ class Runner:
 
     def run_all(self) -> list[dict[str, Any]]:
         order = run_order(self.plan)
-        workloads = {name: build(name, Sizing(self.plan.cpus, self.plan.quick, self.plan.seed))
+        sizing = Sizing(self.plan.cpus, self.plan.quick, self.plan.seed, dict(self.plan.overrides))
+        workloads = {name: build(name, sizing)
                      for name in self.plan.workloads}
         records = []
         for index, (rep, name, pool) in enumerate(order, start=1):

@@ -45,6 +45,7 @@ class BacklogProbe:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
+        self._channel: Any = None
 
     def start(self) -> None:
         if not self.queues or self._thread is not None:
@@ -57,20 +58,27 @@ class BacklogProbe:
         if self._thread is not None:
             self._thread.join(2.0)
 
-    @staticmethod
-    def _length(conn: Any, name: str) -> int:
+    def _length(self, conn: Any, name: str) -> int:
         from amqp.exceptions import NotFound
         from kombu.exceptions import ChannelError
 
-        channel = conn.channel()
+        if self._channel is None:
+            self._channel = conn.channel()
         try:
-            return int(channel.queue_declare(queue=name, passive=True).message_count)
+            return int(self._channel.queue_declare(queue=name, passive=True).message_count)
         except (NotFound, ChannelError) as exc:
-            # Redis has no key for an empty queue, and says 404 for it: that is zero.
-            if "404" in str(exc) or isinstance(exc, NotFound):
+            # Redis has no key for an empty queue and says 404 for it: that is zero. (AMQP
+            # closes the channel on a 404, so a fresh one is opened next time.)
+            if isinstance(exc, NotFound):
+                self._close_channel()
+                return 0
+            if "404" in str(exc):
                 return 0
             raise
-        finally:
+
+    def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
             try:
                 channel.close()
             except Exception:
@@ -92,6 +100,7 @@ class BacklogProbe:
                 if not self._failing:
                     logger.warning("Cannot read the broker queue length (%s); forecasting without it", exc)
                 self._failing = True
+                self._close_channel()
                 if conn is not None:
                     try:
                         conn.release()
@@ -99,6 +108,7 @@ class BacklogProbe:
                         pass
                     conn = None
             self._stop.wait(self.interval)
+        self._close_channel()
         if conn is not None:
             try:
                 conn.release()

@@ -68,6 +68,20 @@ def spin(ms: float) -> dict[str, Any]:
     return _done()
 
 
+# The mixed workload's two task types: a real application's short and long work are different
+# tasks (a thumbnail and a transcode), which is what a pool can learn run times by.
+@app.task(name="bench.spin_short")
+def spin_short(ms: float) -> dict[str, Any]:
+    spin_cpu(ms)
+    return _done()
+
+
+@app.task(name="bench.spin_long")
+def spin_long(ms: float) -> dict[str, Any]:
+    spin_cpu(ms)
+    return _done()
+
+
 @app.task(name="bench.sleep")
 def sleep(ms: float) -> dict[str, Any]:
     time.sleep(ms / 1000.0)

@@ -89,8 +89,8 @@ def _pick(sizing: Sizing, full: Any, quick: Any, key: str) -> Any:
     return quick if sizing.quick else full
 
 
-def _spin(at: float, ms: float, cls: str) -> Arrival:
-    return Arrival(at, "bench.spin", (ms,), cls, ms / 1000.0)
+def _spin(at: float, ms: float, cls: str, task: str = "bench.spin") -> Arrival:
+    return Arrival(at, task, (ms,), cls, ms / 1000.0)
 
 
 def tiny(s: Sizing) -> Workload:
@@ -109,11 +109,12 @@ def mixed(s: Sizing) -> Workload:
     arrivals = []
     for t in poisson_times(rng, lambda _t: rate, rate, duration):
         is_long = rng.random() < long_share
-        arrivals.append(_spin(t, long_ms if is_long else short_ms, "long" if is_long else "short"))
+        cls = "long" if is_long else "short"
+        arrivals.append(_spin(t, long_ms if is_long else short_ms, cls, f"bench.spin_{cls}"))
     params = {"duration_s": duration, "short_ms": short_ms, "long_ms": long_ms,
               "long_share": long_share, "load": load, "rate_per_s": round(rate, 2)}
-    return Workload("mixed", "CPU tasks, 95% 5 ms + 5% 300 ms, Poisson at 60% of CPU capacity:"
-                    " head-of-line blocking", params, tuple(arrivals), duration, False, s.seed)
+    return Workload("mixed", "CPU tasks of two types, 95% 5 ms + 5% 300 ms, Poisson at 60% of CPU"
+                    " capacity: head-of-line blocking", params, tuple(arrivals), duration, False, s.seed)
 
 
 def affinity(s: Sizing) -> Workload:

@@ -170,7 +170,7 @@ class Supervisor:
             os.set_blocking(fd, False)
         self._io_thread: threading.Thread | None = None
         self._io_stop = threading.Event()
-        self._sender: queue.SimpleQueue[tuple[ChildHandle, bytes] | None] = queue.SimpleQueue()
+        self._sender: queue.SimpleQueue[tuple[ChildHandle, Job | bytes] | None] = queue.SimpleQueue()
         self._sender_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -568,27 +568,35 @@ class Supervisor:
         self._dispatch()
 
     def _send(self, child: ChildHandle, item: Job | bytes) -> None:
-        self._sender.put((child, item))  # type: ignore[arg-type]
+        if self.settings.dispatch_window == 1:
+            # The child holds nothing, so it is blocked reading its pipe: the write completes
+            # at once, and skipping a thread hand-off matters when every core is busy.
+            self._transmit(child, item)
+        else:
+            # A busy child may not read for a while; a full pipe must not block the event loop.
+            self._sender.put((child, item))
+
+    def _transmit(self, child: ChildHandle, item: Job | bytes) -> None:
+        if isinstance(item, Job):
+            try:
+                data = protocol.encode(RunJob(item.job_id, item.target, tuple(item.args), dict(item.kwargs)))
+            except Exception as exc:
+                self._events.put(("unsendable", child.child_id, item.job_id, _einfo(exc)))
+                self._notify()
+                return
+        else:
+            data = item
+        try:
+            child.conn.send_bytes(data)
+        except (OSError, ValueError):
+            pass  # the child is gone; its sentinel reports that and its jobs are requeued
 
     def _send_loop(self) -> None:
         while True:
             entry = self._sender.get()
             if entry is None:
                 return
-            child, item = entry
-            if isinstance(item, Job):
-                try:
-                    data = protocol.encode(RunJob(item.job_id, item.target, tuple(item.args), dict(item.kwargs)))
-                except Exception as exc:
-                    self._events.put(("unsendable", child.child_id, item.job_id, _einfo(exc)))
-                    self._notify()
-                    continue
-            else:
-                data = item
-            try:
-                child.conn.send_bytes(data)
-            except (OSError, ValueError):
-                pass  # the child is gone; its sentinel reports that and its jobs are requeued
+            self._transmit(*entry)
 
     def _on_accepted(self, child: ChildHandle, message: JobAccepted) -> None:
         job = self._jobs.get(message.job_id)

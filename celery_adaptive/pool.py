@@ -151,12 +151,15 @@ class Pool(BasePool):
         scheduler = Scheduler(
             window=settings.dispatch_window,
             long_task_threshold=settings.long_task_threshold,
-            short_task_reserve=settings.short_task_reserve,
+            # The reserve is made of extra short-task lanes (below), not of general children.
+            short_task_reserve=0,
             keyed_steal_factor=settings.affinity_steal_factor,
             keyed_steal_floor=0.005 if settings.affinity_steal_factor else 0.0,
+            learn_from_running=True,
         )
         return Supervisor(
-            settings, spec_for_slot, process_factory, lambda: ctx.Pipe(duplex=True), scheduler, hooks
+            settings, spec_for_slot, process_factory, lambda: ctx.Pipe(duplex=True), scheduler, hooks,
+            short_lanes=settings.short_task_reserve,
         )
 
     def _on_job_done(self, job: Job, runtime: float | None) -> None:
@@ -404,6 +407,7 @@ class Pool(BasePool):
                         "slot": c.slot,
                         "state": c.state.value,
                         "tasks": c.tasks_done,
+                        "lane": c.short_only,
                     }
                     for c in children
                     if c.state is not ChildState.DEAD

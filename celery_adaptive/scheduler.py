@@ -53,6 +53,7 @@ class _Child:
     accepting: bool = True
     queue: deque[JobId] = field(default_factory=deque)
     window: set[JobId] = field(default_factory=set)
+    short_only: bool = False  # a short-task lane: never runs a long task, owns no keys
     steals: int = 0  # tasks this child took from another child's queue
 
 
@@ -152,6 +153,7 @@ class Scheduler:
         service_times: ServiceTimes | None = None,
         keyed_steal_factor: float = 0.0,
         keyed_steal_floor: float = 0.0,
+        learn_from_running: bool = False,
     ) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
@@ -180,14 +182,17 @@ class Scheduler:
         self._jobs: dict[JobId, _Job] = {}
         self._unassigned: deque[JobId] = deque()
         self._last_short_seen: float | None = None
+        self._last_long_seen: float | None = None
+        self._overdue: set[str] = set()
+        self.learn_from_running = learn_from_running
         self._submitted = self._dispatched = self._local_hits = self._steals = 0
         self._reservations = self._keyed = self._requeued = 0
 
     # -- children ------------------------------------------------------------------------
-    def add_child(self, child_id: ChildId) -> None:
+    def add_child(self, child_id: ChildId, short_only: bool = False) -> None:
         if child_id in self._children:
             raise ValueError(f"child {child_id} already known")
-        self._children[child_id] = _Child(child_id)
+        self._children[child_id] = _Child(child_id, short_only=short_only)
         self._rebuild_ring()
         # Keys this child now owns move to it; unassigned work finds a home.
         self._rehome(self._take_queued_keyed_elsewhere(child_id))
@@ -246,12 +251,16 @@ class Scheduler:
             self._keyed += 1
         if not self._is_long(task_name):
             self._last_short_seen = now
+        else:
+            self._last_long_seen = now
         self._place(job_id)
 
     def dispatch(self, now: float) -> list[Dispatch]:
         """Tasks to hand over now: each child with room takes its own work, else steals."""
         out: list[Dispatch] = []
         self.next_steal_at = None
+        if self.learn_from_running:
+            self._note_overdue(now)
         accepting = [c for c in self._children.values() if c.accepting]
         progress = True
         while progress:  # bounded: every pass dispatches at least one task or stops
@@ -363,10 +372,29 @@ class Scheduler:
     # -- internals -----------------------------------------------------------------------
     def _is_long(self, task_name: str) -> bool:
         estimate = self.service_times.get(task_name)
-        return estimate is not None and estimate >= self.long_task_threshold
+        if estimate is None:
+            # Never finished yet: long if one is already running past the threshold.
+            return task_name in self._overdue
+        return estimate >= self.long_task_threshold
+
+    def long_tasks_recently(self, now: float) -> bool:
+        """Has a long task arrived (or run past the threshold) within ``short_task_memory``?"""
+        return self._last_long_seen is not None and now - self._last_long_seen <= self.short_task_memory
+
+    def _note_overdue(self, now: float) -> None:
+        """Learn that a task name is long from a running instance, before any has finished."""
+        for child in self._children.values():
+            for job_id in child.window:
+                job = self._jobs[job_id]
+                if (job.started_at is not None and now - job.started_at >= self.long_task_threshold
+                        and self.service_times.get(job.task_name) is None):
+                    self._overdue.add(job.task_name)
+                    self._last_long_seen = now
 
     def _rebuild_ring(self) -> None:
-        self._ring.rebuild(c.child_id for c in self._children.values() if c.accepting)
+        self._ring.rebuild(
+            c.child_id for c in self._children.values() if c.accepting and not c.short_only
+        )
 
     def _place(self, job_id: JobId) -> None:
         job = self._jobs[job_id]
@@ -374,16 +402,16 @@ class Scheduler:
         if job.key is not None:
             target = self._ring.owner(job.key)
         else:
-            target = self._soonest_free(job.submitted_at)
+            target = self._soonest_free(job.submitted_at, self._is_long(job.task_name))
         if target is None:
             self._unassigned.append(job_id)
         else:
             self._children[target].queue.append(job_id)
 
-    def _soonest_free(self, now: float) -> ChildId | None:
+    def _soonest_free(self, now: float, long: bool = False) -> ChildId | None:
         best: tuple[float, int, ChildId] | None = None
         for child in self._children.values():
-            if not child.accepting:
+            if not child.accepting or (long and child.short_only):
                 continue
             rank = (self.predicted_free_at(child.child_id, now), len(child.queue) + len(child.window), child.child_id)
             if best is None or rank < best:
@@ -424,7 +452,7 @@ class Scheduler:
 
     def _long_slots_left(self, now: float) -> int:
         """How many more children may start a long task without eating the short-task reserve."""
-        accepting = [c for c in self._children.values() if c.accepting]
+        accepting = [c for c in self._children.values() if c.accepting and not c.short_only]
         running_long = sum(
             1 for c in accepting if any(self._is_long(self._jobs[j].task_name) for j in c.window)
         )
@@ -436,11 +464,13 @@ class Scheduler:
         allowed = max(1, len(accepting) - self.short_task_reserve)
         return allowed - running_long
 
-    def _first_eligible(self, queue: Iterable[JobId], now: float) -> JobId | None:
+    def _first_eligible(self, queue: Iterable[JobId], now: float, short_only: bool = False) -> JobId | None:
         long_ok: bool | None = None
         for job_id in queue:
             if not self._is_long(self._jobs[job_id].task_name):
                 return job_id
+            if short_only:
+                continue
             if long_ok is None:
                 long_ok = self._long_slots_left(now) > 0
             if long_ok:
@@ -463,14 +493,14 @@ class Scheduler:
         return False
 
     def _pick_local(self, child: _Child, now: float) -> JobId | None:
-        job_id = self._first_eligible(child.queue, now)
+        job_id = self._first_eligible(child.queue, now, child.short_only)
         if job_id is not None:
             child.queue.remove(job_id)
         return job_id
 
     def _pick_steal(self, thief: _Child, now: float) -> tuple[JobId | None, ChildId | None]:
         if self._unassigned:  # pragma: no cover - unassigned only exists while nobody accepts
-            job_id = self._first_eligible(self._unassigned, now)
+            job_id = self._first_eligible(self._unassigned, now, thief.short_only)
             if job_id is not None:
                 self._unassigned.remove(job_id)
                 return job_id, None
@@ -482,7 +512,8 @@ class Scheduler:
             # The owner takes its own work when it has room; steal only what it cannot start.
             if victim.accepting and len(victim.window) < self.window:
                 continue
-            job_id = self._first_eligible([j for j in victim.queue if self._stealable(j, now)], now)
+            candidates = [j for j in victim.queue if self._stealable(j, now)]
+            job_id = self._first_eligible(candidates, now, thief.short_only)
             if job_id is not None:
                 victim.queue.remove(job_id)
                 return job_id, victim.child_id

@@ -46,7 +46,7 @@ DESCRIPTIONS: dict[str, str] = {
     "adaptive_task_affinity": "{task name: affinity key} applied when a message has no header",
     "adaptive_affinity_steal_factor": "a keyed task waits this many times its run time for its owner before an idle child may steal it",
     "adaptive_long_task_threshold": "seconds above which a task name counts as long",
-    "adaptive_short_task_reserve": "children kept free for short tasks while short ones wait",
+    "adaptive_short_task_reserve": "extra short-task-only children kept while long tasks are around",
     "adaptive_min_children": "autoscaler minimum (default: --autoscale min, else -c)",
     "adaptive_max_children": "autoscaler maximum (default: --autoscale max, else -c)",
     "adaptive_autoscale": "let the predictive autoscaler size the pool",

@@ -81,6 +81,7 @@ class ChildHandle:
     exit_reason: str | None = None
     stop_sent: bool = False
     in_scheduler: bool = False
+    short_only: bool = False  # a short-task lane (see Supervisor.short_lanes)
     jobs: set[int] = field(default_factory=set)
     start_timer: Deadline | None = None
 
@@ -131,8 +132,13 @@ class Supervisor:
         scheduler: Scheduler,
         hooks: SupervisorHooks | None = None,
         clock: Clock | None = None,
+        short_lanes: int = 0,
     ) -> None:
         self.settings = settings
+        # Extra children that only run short tasks, kept while long tasks are around: with
+        # every general child busy on long work, the OS still time-slices a short task in,
+        # instead of it waiting for a long one to end.
+        self.short_lanes = short_lanes
         self.scheduler = scheduler
         self.hooks = hooks or SupervisorHooks()
         self.clock = clock or MonotonicClock()
@@ -183,6 +189,8 @@ class Supervisor:
         self._io_thread.start()
         self._sender_thread = threading.Thread(target=self._send_loop, name="adaptive-send", daemon=True)
         self._sender_thread.start()
+        with self._lock:
+            self.call_later(1.0, self._periodic, "periodic")
 
     def attach_hub(self, hub: Any) -> None:
         """Route processing onto Celery's event loop. Called on every consumer (re)start."""
@@ -267,6 +275,8 @@ class Supervisor:
             self._jobs[job.job_id] = job
             self.counters["received"] += 1
             self.scheduler.submit(job.job_id, job.task_name, job.affinity_key, job.submitted_at)
+            if self.short_lanes and not self.live_lanes():
+                self._maintain_lanes()
             self._dispatch()
 
     def terminate_job(self, pid: int, signum: int) -> None:
@@ -282,7 +292,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ sizing
     def live_children(self) -> list[ChildHandle]:
-        return [c for c in self._children.values() if not c.leaving]
+        """General children that take new work (the pool's size; lanes are extra)."""
+        return [c for c in self._children.values() if not c.leaving and not c.short_only]
+
+    def live_lanes(self) -> list[ChildHandle]:
+        return [c for c in self._children.values() if not c.leaving and c.short_only]
 
     def set_target(self, target: int) -> None:
         if target < 1:
@@ -308,7 +322,7 @@ class Supervisor:
     def restart(self) -> None:
         """Replace every child: each drains (finishing its work) while a fresh one starts."""
         with self._lock:
-            for child in self.live_children():
+            for child in self.live_children() + self.live_lanes():
                 self._drain(child, "restart")
             self._maintain()
 
@@ -334,7 +348,7 @@ class Supervisor:
             slot += 1
         return slot
 
-    def _spawn_child(self) -> ChildHandle | None:
+    def _spawn_child(self, short_only: bool = False) -> ChildHandle | None:
         slot = self._free_slot()
         spec = self._spec_for_slot(slot)
         self.hooks.before_create_process()
@@ -351,7 +365,7 @@ class Supervisor:
         self._next_child_id += 1
         child = ChildHandle(
             child_id=self._next_child_id, slot=slot, cpu=spec.cpu, process=process,
-            conn=parent_conn, pid=process.pid, created_at=self.clock.now(),
+            conn=parent_conn, pid=process.pid, created_at=self.clock.now(), short_only=short_only,
         )
         self._children[child.child_id] = child
         self._by_pid[child.pid] = child
@@ -378,6 +392,7 @@ class Supervisor:
         """Bring the number of live children to the target: spawn, or drain the surplus."""
         if self._closing or self._stopped:
             return
+        self._maintain_lanes()
         live = self.live_children()
         surplus = len(live) - self.target
         if surplus > 0:
@@ -400,6 +415,25 @@ class Supervisor:
             return
         for _ in range(missing):
             self._spawn_child()
+
+    def _maintain_lanes(self) -> None:
+        if not self.short_lanes:
+            return
+        wanted = self.short_lanes if self.scheduler.long_tasks_recently(self.clock.now()) else 0
+        lanes = self.live_lanes()
+        if len(lanes) > wanted:
+            for child in self._drain_candidates(lanes)[: len(lanes) - wanted]:
+                self._drain(child, "no long tasks lately")
+        elif len(lanes) < wanted and not self._start_failures:
+            for _ in range(wanted - len(lanes)):
+                self._spawn_child(short_only=True)
+
+    def _periodic(self) -> None:
+        """Housekeeping once a second (lanes come and go with long tasks)."""
+        if self._closing or self._stopped:
+            return
+        self._maintain()
+        self.call_later(1.0, self._periodic, "periodic")
 
     def _respawn_now(self) -> None:
         self._respawn_timer = None
@@ -447,7 +481,7 @@ class Supervisor:
             self._maybe_stop_drained(child)
             return
         child.state = ChildState.IDLE
-        self.scheduler.add_child(child.child_id)
+        self.scheduler.add_child(child.child_id, short_only=child.short_only)
         child.in_scheduler = True
         self.hooks.on_child_started(child)
 

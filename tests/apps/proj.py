@@ -29,6 +29,9 @@ app.conf.update(
     adaptive_stabilization_window=float(os.environ.get("TEST_STABILIZATION", "30")),
     adaptive_control_interval=float(os.environ.get("TEST_CONTROL_INTERVAL", "1.0")),
     adaptive_autoscale=bool(os.environ.get("TEST_AUTOSCALE")),
+    # Short-task lanes add a child while long tasks run; most tests count children exactly,
+    # so they run without lanes and the lane tests turn them on.
+    adaptive_short_task_reserve=int(os.environ.get("TEST_SHORT_LANES", "0")),
     adaptive_min_children=int(os.environ.get("TEST_MIN_CHILDREN", "0")) or None,
     adaptive_max_children=int(os.environ.get("TEST_MAX_CHILDREN", "0")) or None,
     # Metrics: unset means the pool's default (None falls back to it).

@@ -1084,3 +1084,36 @@ def test_keyed_task_waits_for_its_busy_owner_before_it_can_be_stolen():
     s.finished(1, 0.03, 0.01)
     s.submit(3, "tenant", None, 0.03)
     assert [d.job_id for d in s.dispatch(0.03)] == [3]
+
+
+def test_a_task_name_counts_as_long_once_an_instance_runs_past_the_threshold():
+    s = Scheduler(window=1, long_task_threshold=0.1, short_task_reserve=1, learn_from_running=True)
+    s.add_child(1)
+    s.add_child(2)
+    s.submit(1, "transcode", None, 0.0)
+    s.submit(9, "thumb", None, 0.0)
+    dispatched = {d.job_id: d.child_id for d in s.dispatch(0.0)}
+    s.accepted(1, 0.0)
+    s.accepted(9, 0.0)
+    s.finished(9, 0.005, 0.005)  # thumb is short; transcode has not finished yet
+    s.submit(2, "transcode", None, 0.2)
+    # transcode has run 0.2 s > 0.1 s: it is long before any instance finished, so the second
+    # one may not take the last free child while short work is around.
+    assert s.dispatch(0.2) == []
+    s.submit(3, "thumb", None, 0.21)
+    assert [d.job_id for d in s.dispatch(0.21)] == [3]
+    assert dispatched[1] != dispatched[9]
+
+
+def test_a_short_only_lane_never_takes_long_work_or_keys():
+    s = Scheduler(window=1, short_task_reserve=0, service_times=trained(slow=LONG, fast=SHORT))
+    s.add_child(1)
+    s.add_child(2, short_only=True)
+    assert all(s.owner_of(f"k{i}") == 1 for i in range(50))  # lanes own no keys
+    s.submit(1, "slow", None, 0.0)
+    s.submit(2, "slow", None, 0.0)
+    first = s.dispatch(0.0)
+    assert [(d.job_id, d.child_id) for d in first] == [(1, 1)]  # the lane does not steal it
+    s.submit(3, "fast", None, 0.01)
+    assert [(d.job_id, d.child_id) for d in s.dispatch(0.01)] == [(3, 2)]
+    assert s.long_tasks_recently(0.01)

@@ -4,7 +4,7 @@ Threads and data flow::
 
      event-loop thread (L)                         I/O thread                 children
      ─────────────────────                         ──────────                 ────────
-     submit(job) ─> Scheduler ─> dispatch ─> sender thread ── RunJob ──────> child_main
+     submit(job) ─> Scheduler ─> dispatch ─> pipe (or sender thread) ─ RunJob ─> child_main
                                                                              │
      process_events() <── wake pipe / direct <── wait(result pipes,  <── JobAccepted,
        │ accept/result/error callbacks             sentinels, wake,        JobFinished,

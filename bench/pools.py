@@ -43,6 +43,9 @@ def resolve(name: str, concurrency: int) -> PoolConfig:
         return PoolConfig(name, ("-P", ADAPTIVE_CLASS, "-c", c), pool_class=ADAPTIVE_CLASS)
     if name == "prefork":
         return PoolConfig(name, ("-P", "prefork", "-c", c))
+    if name == "adaptive-nometrics":
+        return PoolConfig(name, ("-P", ADAPTIVE_CLASS, "-c", c), env={"BENCH_ADAPTIVE_METRICS": "0"},
+                          pool_class=ADAPTIVE_CLASS)
     if name == "adaptive-autoscale":
         return PoolConfig(name, ("-P", ADAPTIVE_CLASS, "--autoscale", f"{c},1"), pool_class=ADAPTIVE_CLASS)
     if name == "prefork-autoscale":
@@ -53,6 +56,6 @@ def resolve(name: str, concurrency: int) -> PoolConfig:
     if ":" in name and all(name.split(":", 1)):
         return PoolConfig(name, ("-P", name, "-c", c), pool_class=name)
     raise ValueError(
-        f"unknown pool {name!r}; use adaptive, adaptive-autoscale, prefork, prefork-autoscale, threads, solo"
+        f"unknown pool {name!r}; use adaptive, adaptive-nometrics, adaptive-autoscale, prefork, prefork-autoscale, threads, solo"
         " or module:Class"
     )

@@ -42,6 +42,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     # The harness reads results straight from Redis; a day of expiry is irrelevant (db flushed).
     result_expires=3600,
+    # The adaptive-nometrics configuration turns the pool's metrics off to measure their cost.
+    adaptive_metrics_enabled=os.environ.get("BENCH_ADAPTIVE_METRICS", "1") == "1",
 )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -37,12 +38,17 @@ class BacklogProbe:
     transport answers it with the list's length, so one call covers both.
     """
 
-    def __init__(self, app: Any, queues: list[str], interval: float) -> None:
+    def __init__(self, app: Any, queues: list[str], interval: float,
+                 busy: Any = None, idle_interval: float = 2.0) -> None:
         self.app = app
         self.queues = queues
         self.interval = interval
+        # While the pool has nothing to do, look less often: an idle worker should cost ~nothing.
+        self.busy = busy or (lambda: True)
+        self.idle_interval = max(idle_interval, interval)
         self.value: int | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
         self._channel: Any = None
@@ -53,8 +59,13 @@ class BacklogProbe:
         self._thread = threading.Thread(target=self._run, name="adaptive-backlog", daemon=True)
         self._thread.start()
 
+    def poke(self) -> None:
+        """Work arrived: read the broker now rather than at the idle interval."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(2.0)
 
@@ -107,7 +118,14 @@ class BacklogProbe:
                     except Exception:
                         pass
                     conn = None
-            self._stop.wait(self.interval)
+            read_at = time.monotonic()
+            busy = bool(self.value) or bool(self.busy())
+            self._wake.wait(self.interval if busy else self.idle_interval)
+            self._wake.clear()
+            # A poke wakes an idle probe at once, but reads stay at most one per interval.
+            rest = self.interval - (time.monotonic() - read_at)
+            if rest > 0:
+                self._stop.wait(rest)
         self._close_channel()
         if conn is not None:
             try:

@@ -156,6 +156,8 @@ class Pool(BasePool):
             keyed_steal_factor=settings.affinity_steal_factor,
             keyed_steal_floor=0.005 if settings.affinity_steal_factor else 0.0,
             learn_from_running=True,
+            # More points per child even out how many keys each child owns.
+            vnodes=160,
         )
         return Supervisor(
             settings, spec_for_slot, process_factory, lambda: ctx.Pipe(duplex=True), scheduler, hooks,
@@ -198,7 +200,10 @@ class Pool(BasePool):
         if worker is not None:
             worker.autoscaler = CeleryAutoscalerBridge(self, self.autoscaler, worker, sup.clock.now)
         queues = [q.name for q in getattr(getattr(consumer, "task_consumer", None), "queues", []) or []]
-        self.autoscaler.probe = BacklogProbe(self.app, queues, min(self.settings.control_interval, 0.25))
+        self.autoscaler.probe = BacklogProbe(
+            self.app, queues, min(self.settings.control_interval, 0.25),
+            busy=lambda: sup.jobs_in_flight() or sup.jobs_queued(),
+        )
         self.autoscaler.probe.start()
         low, high = self.autoscaler.bounds
         target = min(max(sup.target, low), high)
@@ -288,6 +293,8 @@ class Pool(BasePool):
         self.supervisor.submit(job)
         if self.autoscaler is not None:
             self.autoscaler.record_arrival(job.submitted_at, task_name)
+            if self.autoscaler.probe is not None:
+                self.autoscaler.probe.poke()
             if self.supervisor.jobs_queued() and self.autoscaler.due_early(job.submitted_at):
                 # Tasks are waiting now: decide now rather than at the next tick, so a burst
                 # gets capacity within milliseconds instead of up to a control interval.

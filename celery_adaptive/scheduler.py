@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
 JobId = int
 ChildId = int
+#: How many recently run keys a child remembers when choosing what to steal.
+RECENT_KEYS = 64
 
 
 class JobState(Enum):
@@ -54,7 +56,9 @@ class _Child:
     queue: deque[JobId] = field(default_factory=deque)
     window: set[JobId] = field(default_factory=set)
     short_only: bool = False  # a short-task lane: never runs a long task, owns no keys
-    steals: int = 0  # tasks this child took from another child's queue
+    steals: int = 0
+    # Keys this child ran lately (its caches are likely warm for them), most recent last.
+    recent_keys: OrderedDict[str, None] = field(default_factory=OrderedDict)  # tasks this child took from another child's queue
 
 
 @dataclass(frozen=True)
@@ -277,6 +281,11 @@ class Scheduler:
                 job = self._jobs[picked]
                 job.state, job.child = JobState.SENT, child.child_id
                 child.window.add(picked)
+                if job.key is not None:
+                    child.recent_keys[job.key] = None
+                    child.recent_keys.move_to_end(job.key)
+                    if len(child.recent_keys) > RECENT_KEYS:
+                        child.recent_keys.popitem(last=False)
                 self._dispatched += 1
                 if stolen_from is None:
                     self._local_hits += 1
@@ -376,6 +385,9 @@ class Scheduler:
             # Never finished yet: long if one is already running past the threshold.
             return task_name in self._overdue
         return estimate >= self.long_task_threshold
+
+    def short_tasks_recently(self, now: float) -> bool:
+        return self._last_short_seen is not None and now - self._last_short_seen <= self.short_task_memory
 
     def long_tasks_recently(self, now: float) -> bool:
         """Has a long task arrived (or run past the threshold) within ``short_task_memory``?"""
@@ -512,7 +524,11 @@ class Scheduler:
             # The owner takes its own work when it has room; steal only what it cannot start.
             if victim.accepting and len(victim.window) < self.window:
                 continue
-            candidates = [j for j in victim.queue if self._stealable(j, now)]
+            # Keys the thief ran lately first (it is likely warm for them), then the rest.
+            warm = [j for j in victim.queue if self._jobs[j].key in thief.recent_keys]
+            rest = [j for j in victim.queue if self._jobs[j].key not in thief.recent_keys
+                    and self._stealable(j, now)]
+            candidates = warm + rest
             job_id = self._first_eligible(candidates, now, thief.short_only)
             if job_id is not None:
                 victim.queue.remove(job_id)

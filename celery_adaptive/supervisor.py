@@ -419,7 +419,10 @@ class Supervisor:
     def _maintain_lanes(self) -> None:
         if not self.short_lanes:
             return
-        wanted = self.short_lanes if self.scheduler.long_tasks_recently(self.clock.now()) else 0
+        now = self.clock.now()
+        # A lane helps only when short tasks share the pool with long ones.
+        mixed = self.scheduler.long_tasks_recently(now) and self.scheduler.short_tasks_recently(now)
+        wanted = self.short_lanes if mixed else 0
         lanes = self.live_lanes()
         if len(lanes) > wanted:
             for child in self._drain_candidates(lanes)[: len(lanes) - wanted]:

@@ -158,6 +158,7 @@ class Pool(BasePool):
             learn_from_running=True,
             # More points per child even out how many keys each child owns.
             vnodes=160,
+            balanced_keys=True,
         )
         return Supervisor(
             settings, spec_for_slot, process_factory, lambda: ctx.Pipe(duplex=True), scheduler, hooks,

@@ -1117,3 +1117,25 @@ def test_a_short_only_lane_never_takes_long_work_or_keys():
     s.submit(3, "fast", None, 0.01)
     assert [(d.job_id, d.child_id) for d in s.dispatch(0.01)] == [(3, 2)]
     assert s.long_tasks_recently(0.01)
+
+
+def test_balanced_keys_split_evenly_and_a_new_child_takes_only_its_share():
+    s = Scheduler(window=1, balanced_keys=True)
+    s.add_child(1)
+    s.add_child(2)
+    keys = [f"tenant-{i}" for i in range(32)]
+    for i, key in enumerate(keys):
+        s.submit(i, "t", key, 0.0)
+        s.cancel(i)
+    owners = {k: s.owner_of(k) for k in keys}
+    assert Counter(owners.values()) == {1: 16, 2: 16}  # plain hashing gave 22/10 here
+    assert {k: s.owner_of(k) for k in keys} == owners  # stable
+    s.add_child(3)
+    after = {k: s.owner_of(k) for k in keys}
+    moved = [k for k in keys if after[k] != owners[k]]
+    assert {after[k] for k in moved} == {3} and len(moved) == 10  # 32 // 3
+    s.remove_child(3)
+    # Its keys go back to the others, evenly; nobody else's key moves.
+    final = {k: s.owner_of(k) for k in keys}
+    assert all(final[k] == after[k] for k in keys if after[k] != 3)
+    assert set(final.values()) == {1, 2}

@@ -23,6 +23,9 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     result_expires=600,
+    # Outage tests restart Redis under running tasks: results are stored once it is back.
+    result_backend_always_retry=True,
+    result_backend_max_retries=50,
     adaptive_cpu_placement=os.environ.get("TEST_CPU_PLACEMENT", "spread"),
     worker_pool_start_method=os.environ.get("TEST_START_METHOD", "fork"),
     worker_pool_restarts=bool(os.environ.get("TEST_POOL_RESTARTS")),
@@ -244,8 +247,22 @@ def record(token: str, seconds: float = 0.0) -> int:
     import redis
 
     client = redis.Redis.from_url(backend)
-    client.rpush(f"runs:{token}", os.getpid())
+
+    def note(kind: str) -> None:
+        # The outage tests restart Redis under this task: keep the bookkeeping through it, so
+        # a task fails only for a reason the test is about.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.rpush(f"{kind}:{token}", os.getpid())
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    note("runs")
     if seconds:
         time.sleep(seconds)
-    client.rpush(f"done:{token}", os.getpid())
+    note("done")
     return os.getpid()

@@ -111,13 +111,8 @@ class BacklogProbe:
                 if not self._failing:
                     logger.warning("Cannot read the broker queue length (%s); forecasting without it", exc)
                 self._failing = True
-                self._close_channel()
-                if conn is not None:
-                    try:
-                        conn.release()
-                    except Exception:
-                        pass
-                    conn = None
+                self._disconnect(conn)
+                conn = None
             read_at = time.monotonic()
             busy = bool(self.value) or bool(self.busy())
             self._wake.wait(self.interval if busy else self.idle_interval)
@@ -126,6 +121,10 @@ class BacklogProbe:
             rest = self.interval - (time.monotonic() - read_at)
             if rest > 0:
                 self._stop.wait(rest)
+        self._disconnect(conn)
+
+    def _disconnect(self, conn: Any) -> None:
+        """Drop the channel and the connection (after an error, or at stop)."""
         self._close_channel()
         if conn is not None:
             try:

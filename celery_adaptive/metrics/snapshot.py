@@ -22,7 +22,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 #: Bumped when a published field changes meaning or disappears.
 SCHEMA_VERSION = 1
@@ -36,9 +36,12 @@ PERCENTILES = (50, 95, 99)
 
 
 # ---------------------------------------------------------------------------- readings
-@dataclass(frozen=True)
-class Completion:
-    """One job's outcome was reported (success, failure, lost or time limit)."""
+class Completion(NamedTuple):
+    """One job's outcome was reported (success, failure, lost or time limit).
+
+    A named tuple, not a frozen dataclass: one is built on the event loop for every job, and a
+    tuple costs a fraction of a frozen dataclass's ``__init__``.
+    """
 
     at: float
     """Monotonic time of the report."""
@@ -269,10 +272,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def percentiles(values: Iterable[float]) -> Percentiles | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return Percentiles(*(percentile(ordered, q) for q in PERCENTILES))
+    return _percentiles_sorted(sorted(values))
 
 
 def utilization(busy_now: float, at_now: float, busy_before: float, at_before: float) -> float | None:
@@ -289,44 +289,140 @@ def rate(count_now: int, count_before: int, span: float) -> float | None:
     return max(0, count_now - count_before) / span
 
 
+class _Values:
+    """The waits and run times of one task name in one batch, each sorted once."""
+
+    __slots__ = ("count", "waits", "runs")
+
+    def __init__(self, items: Sequence[Completion]) -> None:
+        self.count = len(items)
+        self.waits = sorted([c.wait_s for c in items if c.wait_s is not None])
+        self.runs = sorted([c.run_s for c in items if c.run_s is not None])
+
+
+class _Batch:
+    """The completions of one reading, oldest first, with their values grouped by task name."""
+
+    __slots__ = ("items", "by_name")
+
+    def __init__(self, items: list[Completion]) -> None:
+        self.items = items
+        grouped: dict[str, list[Completion]] = {}
+        for item in items:
+            grouped.setdefault(item.task_name, []).append(item)
+        self.by_name = {name: _Values(group) for name, group in grouped.items()}
+
+    @property
+    def newest(self) -> float:
+        return self.items[-1].at
+
+    @property
+    def oldest(self) -> float:
+        return self.items[0].at
+
+
 class LatencyWindow:
-    """The completions of the last ``span_s`` seconds, for percentiles."""
+    """The completions of the last ``span_s`` seconds (at most the newest ``max_samples``), for
+    exact nearest-rank percentiles.
+
+    Each batch (one reading's completions) is grouped and sorted once, when it arrives; a
+    statistic then sorts the concatenation of already sorted runs, which Timsort merges in
+    near-linear time. Re-sorting the whole window every interval cost ~10 ms of the event
+    loop's GIL at 10,000 samples; this costs a fraction of that (the metrics overhead target
+    is under 3% of throughput with tiny tasks).
+    """
 
     def __init__(self, span_s: float = LATENCY_WINDOW_S, max_samples: int = LATENCY_MAX_SAMPLES) -> None:
         if span_s <= 0:
             raise ValueError("span_s must be > 0")
+        if max_samples < 1:
+            raise ValueError("max_samples must be >= 1")
         self.span_s = span_s
-        self._items: deque[Completion] = deque(maxlen=max_samples)
+        self.max_samples = max_samples
+        self._batches: deque[_Batch] = deque()
+        self._count = 0
 
     def extend(self, completions: Iterable[Completion]) -> None:
-        self._items.extend(completions)
+        items = sorted(completions, key=_at)
+        if not items:
+            return
+        self._batches.append(_Batch(items))
+        self._count += len(items)
+        excess = self._count - self.max_samples
+        while excess > 0:
+            oldest = self._batches[0]
+            if len(oldest.items) <= excess:
+                self._batches.popleft()
+                self._count -= len(oldest.items)
+                excess -= len(oldest.items)
+            else:
+                self._batches[0] = _Batch(oldest.items[excess:])
+                self._count -= excess
+                excess = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._count
 
     def prune(self, now: float) -> None:
         horizon = now - self.span_s
-        while self._items and self._items[0].at < horizon:
-            self._items.popleft()
+        while self._batches and self._batches[0].oldest < horizon:
+            oldest = self._batches.popleft()
+            self._count -= len(oldest.items)
+            if oldest.newest >= horizon:  # straddles the horizon: keep its recent part
+                kept = [c for c in oldest.items if c.at >= horizon]
+                self._batches.appendleft(_Batch(kept))
+                self._count += len(kept)
+                break
 
     def stats(self, now: float, max_names: int = MAX_TASK_NAMES) -> tuple[LatencyStats, dict[str, LatencyStats]]:
         """Overall and per-task-name statistics (the ``max_names`` most frequent names)."""
         self.prune(now)
-        by_name: dict[str, list[Completion]] = {}
-        for item in self._items:
-            by_name.setdefault(item.task_name, []).append(item)
-        overall = _stats(self._items)
-        busiest = sorted(by_name.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:max_names]
-        return overall, {name: _stats(items) for name, items in sorted(busiest)}
+        parts: dict[str, list[_Values]] = {}
+        for batch in self._batches:
+            for name, values in batch.by_name.items():
+                parts.setdefault(name, []).append(values)
+        merged = {name: _merge(values) for name, values in parts.items()}
+        overall = LatencyStats(
+            count=self._count,
+            wait=percentiles(_chain(m.wait for m in merged.values())),
+            run=percentiles(_chain(m.run for m in merged.values())),
+        )
+        busiest = sorted(merged.items(), key=lambda kv: (-kv[1].completions, kv[0]))[:max_names]
+        return overall, {
+            name: LatencyStats(count=m.completions, wait=_percentiles_sorted(m.wait), run=_percentiles_sorted(m.run))
+            for name, m in sorted(busiest)
+        }
 
 
-def _stats(items: Iterable[Completion]) -> LatencyStats:
-    items = list(items)
-    return LatencyStats(
-        count=len(items),
-        wait=percentiles(c.wait_s for c in items if c.wait_s is not None),
-        run=percentiles(c.run_s for c in items if c.run_s is not None),
+def _at(completion: Completion) -> float:
+    return completion.at
+
+
+class _Merged(NamedTuple):
+    completions: int
+    wait: list[float]
+    run: list[float]
+
+
+def _chain(runs: Iterable[list[float]]) -> list[float]:
+    out: list[float] = []
+    for run in runs:
+        out.extend(run)
+    return out
+
+
+def _merge(values: list[_Values]) -> _Merged:
+    return _Merged(
+        completions=sum(v.count for v in values),
+        wait=sorted(_chain(v.waits for v in values)),
+        run=sorted(_chain(v.runs for v in values)),
     )
+
+
+def _percentiles_sorted(ordered: Sequence[float]) -> Percentiles | None:
+    if not ordered:
+        return None
+    return Percentiles(*(percentile(ordered, q) for q in PERCENTILES))
 
 
 class Aggregator:

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from celery_adaptive.metrics.events import RESERVED_FIELDS, event_fields
 from celery_adaptive.metrics.snapshot import (
@@ -91,6 +93,39 @@ def test_window_is_bounded():
     window = LatencyWindow(span_s=1000.0, max_samples=5)
     window.extend(Completion(float(i), "t", 0.0, 0.0) for i in range(50))
     assert len(window) == 5
+
+
+_batch = st.lists(
+    st.tuples(
+        st.floats(0, 50), st.sampled_from("abc"),
+        st.one_of(st.none(), st.floats(0, 10)), st.one_of(st.none(), st.floats(0, 10)),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches=st.lists(_batch, max_size=8), span=st.floats(1, 120), cap=st.integers(1, 40),
+       now=st.floats(0, 450))
+def test_window_matches_the_brute_force_definition(batches, span, cap, now):
+    """Batched, pre-sorted bookkeeping gives exactly the percentiles of the newest ``cap``
+    completions not older than ``span``. Batch ``i`` holds times in [50 i, 50 i + 50]: readings
+    come in time order, as the supervisor's clock makes them."""
+    window = LatencyWindow(span_s=span, max_samples=cap)
+    arrived: list[Completion] = []
+    for i, batch in enumerate(batches):
+        items = [Completion(50.0 * i + at, *rest) for at, *rest in batch]
+        window.extend(items)
+        arrived.extend(sorted(items, key=lambda c: c.at))
+    kept = [c for c in arrived[-cap:] if c.at >= now - span] if arrived else []
+    overall, by_name = window.stats(now=now, max_names=10)
+    assert overall.count == len(kept)
+    assert overall.wait == percentiles(c.wait_s for c in kept if c.wait_s is not None)
+    assert overall.run == percentiles(c.run_s for c in kept if c.run_s is not None)
+    for name in {c.task_name for c in kept}:
+        mine = [c for c in kept if c.task_name == name]
+        assert by_name[name].count == len(mine)
+        assert by_name[name].run == percentiles(c.run_s for c in mine if c.run_s is not None)
 
 
 # -- aggregation -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery.worker.autoscale import Autoscaler
@@ -39,13 +39,20 @@ class BacklogProbe:
     """
 
     def __init__(self, app: Any, queues: list[str], interval: float,
-                 busy: Any = None, idle_interval: float = 2.0) -> None:
+                 busy: Any = None, idle_interval: float = 2.0,
+                 saturated: Callable[[], bool] = lambda: False, saturated_interval: float = 0.05,
+                 on_backlog: Callable[[int], object] = lambda value: None) -> None:
         self.app = app
         self.queues = queues
         self.interval = interval
         # While the pool has nothing to do, look less often: an idle worker should cost ~nothing.
         self.busy = busy or (lambda: True)
         self.idle_interval = max(idle_interval, interval)
+        # While tasks wait inside the pool, its prefetch is full and new arrivals stay in the
+        # broker, unseen by the pool: then this reading is the only way to see a burst grow.
+        self.saturated = saturated
+        self.saturated_interval = min(saturated_interval, interval)
+        self.on_backlog = on_backlog
         self.value: int | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -103,6 +110,8 @@ class BacklogProbe:
                     conn = self.app.connection_for_read()
                     conn.ensure_connection(max_retries=1)
                 self.value = sum(self._length(conn, name) for name in self.queues)
+                if self.value:
+                    self.on_backlog(self.value)
                 if self._failing:
                     logger.info("Broker queue length readable again")
                 self._failing = False
@@ -113,15 +122,30 @@ class BacklogProbe:
                 self._failing = True
                 self._disconnect(conn)
                 conn = None
-            read_at = time.monotonic()
-            busy = bool(self.value) or bool(self.busy())
-            self._wake.wait(self.interval if busy else self.idle_interval)
-            self._wake.clear()
-            # A poke wakes an idle probe at once, but reads stay at most one per interval.
-            rest = self.interval - (time.monotonic() - read_at)
-            if rest > 0:
-                self._stop.wait(rest)
+            self._wait_for_next_read(time.monotonic())
         self._disconnect(conn)
+
+    def _wait_for_next_read(self, read_at: float) -> None:
+        """Idle pool: the next read is ``idle_interval`` after the last; busy, or poked by an
+        arrival: ``interval``; saturated (tasks wait inside the pool): ``saturated_interval``.
+        Saturation is re-checked at the saturated cadence once poked, so a burst that fills the
+        pool is read within ``saturated_interval`` of filling it. Bounded by time."""
+        poked = False
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self.saturated():
+                due = read_at + self.saturated_interval
+            elif poked or self.value or self.busy():
+                due = read_at + self.interval
+            else:
+                due = read_at + self.idle_interval
+            if now >= due:
+                return
+            if poked:
+                self._stop.wait(min(due - now, self.saturated_interval))
+            else:
+                poked = self._wake.wait(due - now)
+                self._wake.clear()
 
     def _disconnect(self, conn: Any) -> None:
         """Drop the channel and the connection (after an error, or at stop)."""
@@ -142,6 +166,7 @@ class AdaptiveAutoscaler:
         resize_to: Callable[[int, str], None],
         current: Callable[[], int],
         pool_backlog: Callable[[], int],
+        running_ages: Callable[[float], Mapping[str, float]] = lambda now: {},
     ) -> None:
         self.settings = settings
         self.predictor = Predictor(window_s=min(1.0, settings.control_interval))
@@ -150,14 +175,20 @@ class AdaptiveAutoscaler:
             max_children=settings.max_children,
             target_wait_s=settings.target_wait,
             stabilization_s=settings.stabilization_window,
-            # Draining is safe (no busy child is killed), so the pool may shed a quarter of its
-            # maximum per decision once demand has been lower for the whole window.
-            max_step_down=max(1, settings.max_children // 4),
+            # Draining is safe (no busy child is killed), so the pool may shed half of its
+            # maximum per decision once demand has been lower for the whole window: between
+            # bursts, every second at full size is paid for in idle processes.
+            max_step_down=max(1, settings.max_children // 2),
+            # The backlog is cleared within a control interval. Within the target wait was
+            # tried: it reacted to every momentary queue of a steady load, and the window kept
+            # those peaks (more children for nothing). A burst's start is caught by the
+            # predictor's burst rate instead.
             drain_s=max(settings.control_interval, 0.5),
         )
         self._resize_to = resize_to
         self._current = current
         self._pool_backlog = pool_backlog
+        self._running_ages = running_ages
         self.probe: BacklogProbe | None = None
         self.last_forecast: Forecast | None = None
         self.last_decision: ScalingDecision | None = None
@@ -182,8 +213,11 @@ class AdaptiveAutoscaler:
         self.predictor.record_completion(now, task_name, runtime)
 
     def backlog(self) -> int:
+        return self._pool_backlog() + self.broker_backlog()
+
+    def broker_backlog(self) -> int:
         broker = self.probe.value if self.probe is not None else None
-        return self._pool_backlog() + (broker or 0)
+        return broker or 0
 
     def due_early(self, now: float, min_gap: float = 0.05) -> bool:
         """May an arrival trigger a decision now? At most one every ``min_gap`` seconds."""
@@ -191,7 +225,10 @@ class AdaptiveAutoscaler:
 
     def tick(self, now: float) -> ScalingDecision:
         horizon = self.settings.control_interval * 2
-        forecast = self.predictor.forecast(now, self.backlog(), horizon)
+        broker = self.broker_backlog()
+        forecast = self.predictor.forecast(
+            now, self._pool_backlog() + broker, horizon, self._running_ages(now), broker
+        )
         decision = self.controller.decide(now, forecast, self._current())
         self.last_forecast, self.last_decision = forecast, decision
         if decision.direction != "hold" and decision.target != decision.current:
@@ -199,6 +236,8 @@ class AdaptiveAutoscaler:
             self.last_change = decision
             logger.info("Autoscale: %s", decision.reason)
             self._resize_to(decision.target, decision.reason)
+        else:
+            logger.debug("Autoscale: %s", decision.reason)
         return decision
 
     def state(self) -> dict[str, Any]:

@@ -43,6 +43,29 @@ class ChildSpec:
     task_modules: tuple[str, ...]  # imported first under spawn so the task registry is filled
 
 
+def warm_up_parent() -> None:
+    """Do once, in the parent, the imports every forked child would otherwise do after fork.
+
+    Celery's ``process_initializer`` calls billiard's ``set_pdeathsig``, which, when cffi is
+    loaded, builds a cffi ``FFI`` and parses a C declaration: the first parse imports pycparser
+    and compiles its lexer's regular expressions. Done in each child that took ~90 of its
+    ~100 ms start-up, and several children starting together on two cores took 150-250 ms
+    each, which a burst waits for. Done here first, a forked child inherits the loaded modules
+    and compiled patterns and starts in ~15 ms. Nothing here changes behaviour.
+    """
+    if "cffi" in sys.modules:
+        try:
+            import cffi
+
+            cffi.FFI().cdef("int prctl (int __option, ...);")
+        except Exception:  # only a warm-up: the child does the real call and reports errors
+            pass
+    from billiard.einfo import ExceptionInfo  # noqa: F401
+    from celery.concurrency.prefork import process_destructor, process_initializer  # noqa: F401
+
+    from celery_adaptive import placement  # noqa: F401
+
+
 class _SoftLimitGuard:
     """Raise SoftTimeLimitExceeded on SIGUSR1, but only while a task runs.
 

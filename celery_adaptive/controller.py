@@ -21,6 +21,10 @@ The sizing formula (M/M/c with a backlog term):
   for about 100·0.05/D = 5 more children; a healthy pool's queue holds λ·Wq tasks, a small
   fraction of λ·W, so it adds little. Counting the whole queue (not only what exceeds λ·W) is
   what lets the first ticks of a burst, while the rate forecast still lags, size for it.
+* Of the backlog, what is still in the broker (the pool's prefetch, capacity x multiplier, is
+  full, so these tasks wait for capacity that does not exist yet) is cleared within the target
+  wait instead: ``λ_eff = λ + Q_pool / D + Q_broker / W``. In a healthy pool the prefetch absorbs
+  the queue and the broker part is 0, so a steady load's momentary queues never trigger it.
 * ``needed`` is the smallest c with ``Wq(c; λ_eff, S) <= W`` (W = ``target_wait_s``); 0 when
   there is no load at all.
 
@@ -99,23 +103,25 @@ def children_needed(
     backlog: int = 0,
     drain_s: float = 1.0,
     limit: int | None = None,
+    urgent_backlog: int = 0,
 ) -> int:
     """Smallest number of children whose M/M/c queue wait is <= ``target_wait_s``.
 
-    The backlog counts as extra arrivals over ``drain_s`` seconds (see the module docstring). With ``limit``, the search stops there and
+    The backlog counts as extra arrivals over ``drain_s`` seconds, the urgent backlog as extra
+    arrivals over ``target_wait_s`` (see the module docstring). With ``limit``, the search stops there and
     returns ``limit``: a caller that clamps to a maximum need not pay to learn how far beyond it
     the need goes.
     """
     _check_rate_and_time(arrival_rate, service_time)
     if not (target_wait_s > 0 and math.isfinite(target_wait_s)):
         raise ValueError(f"invalid target_wait_s={target_wait_s!r}: must be a finite number > 0")
-    if backlog < 0:
-        raise ValueError(f"invalid backlog={backlog!r}: must be >= 0")
+    if backlog < 0 or urgent_backlog < 0:
+        raise ValueError(f"invalid backlog={backlog!r}/{urgent_backlog!r}: must be >= 0")
     if not (drain_s > 0 and math.isfinite(drain_s)):
         raise ValueError(f"invalid drain_s={drain_s!r}: must be a finite number > 0")
     if limit is not None and limit < 0:
         raise ValueError(f"invalid limit={limit!r}: must be >= 0")
-    rate = arrival_rate + backlog / drain_s
+    rate = arrival_rate + backlog / drain_s + urgent_backlog / target_wait_s
     if rate == 0:
         return 0
     load = rate * service_time
@@ -215,8 +221,9 @@ class Controller:
             forecast.predicted_rate,
             forecast.service_time,
             self.target_wait_s,
-            backlog=forecast.backlog,
+            backlog=forecast.backlog - forecast.broker_backlog,
             drain_s=self.drain_s,
+            urgent_backlog=forecast.broker_backlog,
             limit=high + 1,
         )
         desired = min(max(needed, low), high)
@@ -283,6 +290,7 @@ class Controller:
         load = (
             f"forecast {forecast.predicted_rate:.1f}/s x {_ms(forecast.service_time)}"
             f" with backlog {forecast.backlog}"
+            + (f" ({forecast.broker_backlog} in the broker)" if forecast.broker_backlog else "")
         )
         wait = f"wait <= {_ms(self.target_wait_s)}"
         if needed > self.max_children:

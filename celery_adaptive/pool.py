@@ -16,7 +16,7 @@ from celery.concurrency.base import BasePool
 
 from celery_adaptive import placement
 from celery_adaptive.autoscaler import AdaptiveAutoscaler, BacklogProbe, CeleryAutoscalerBridge
-from celery_adaptive.child import ChildSpec, child_main
+from celery_adaptive.child import ChildSpec, child_main, warm_up_parent
 from celery_adaptive.jobs import Job
 from celery_adaptive.metrics import start_for_pool as start_metrics
 from celery_adaptive.metrics.service import MetricsService
@@ -187,7 +187,7 @@ class Pool(BasePool):
         assert self.supervisor is not None
         sup = self.supervisor
         self.autoscaler = AdaptiveAutoscaler(
-            self.settings, self.resize_to, lambda: sup.target, sup.jobs_queued
+            self.settings, self.resize_to, lambda: sup.target, sup.jobs_queued, sup.running_ages
         )
         explicit = self.app.conf.get("adaptive_min_children") or self.app.conf.get("adaptive_max_children")
         if celery_autoscaler is not None and not explicit:
@@ -204,6 +204,9 @@ class Pool(BasePool):
         self.autoscaler.probe = BacklogProbe(
             self.app, queues, min(self.settings.control_interval, 0.25),
             busy=lambda: sup.jobs_in_flight() or sup.jobs_queued(),
+            saturated=lambda: sup.jobs_queued() > 0,
+            # From the probe's thread: decide on the event loop, as for an arrival.
+            on_backlog=lambda value: sup.call_later(0.0, self._decide_early, "autoscale-early"),
         )
         self.autoscaler.probe.start()
         low, high = self.autoscaler.bounds
@@ -224,6 +227,19 @@ class Pool(BasePool):
         except Exception:
             logger.exception("Autoscaler tick failed; keeping the current size")
         sup.call_later(self.settings.control_interval, self._autoscale_tick, "autoscale")
+
+    def _decide_early(self) -> None:
+        """An arrival, or a broker backlog, between ticks: decide now if the last decision is
+        50 ms old or more. On the event loop."""
+        sup = self.supervisor
+        if sup is None or self.autoscaler is None or self._state not in (None, self.RUN):
+            return
+        now = sup.clock.now()
+        if self.autoscaler.due_early(now):
+            try:
+                self.autoscaler.tick(now)
+            except Exception:
+                logger.exception("Autoscaler decision failed; keeping the current size")
 
     def resize_to(self, target: int, reason: str) -> None:
         """Set the number of children and move the consumer's prefetch with it (on L)."""
@@ -254,6 +270,8 @@ class Pool(BasePool):
 
     # ------------------------------------------------------------------ BasePool
     def on_start(self) -> None:
+        if self.settings.start_method == "fork":
+            warm_up_parent()  # children then start in ~15 ms, not ~100 ms
         self.supervisor = self._build_supervisor()
         self.supervisor.start()
         self.metrics = start_metrics(self, self._initargs[1] if len(self._initargs) > 1 else None)
@@ -296,10 +314,10 @@ class Pool(BasePool):
             self.autoscaler.record_arrival(job.submitted_at, task_name)
             if self.autoscaler.probe is not None:
                 self.autoscaler.probe.poke()
-            if self.supervisor.jobs_queued() and self.autoscaler.due_early(job.submitted_at):
-                # Tasks are waiting now: decide now rather than at the next tick, so a burst
-                # gets capacity within milliseconds instead of up to a control interval.
-                self.autoscaler.tick(job.submitted_at)
+            # Decide on arrivals too, not only at the tick: a burst is seen in its first
+            # arrivals, and the children it needs start before the tasks queue up rather than
+            # up to a control interval later.
+            self._decide_early()
         return job
 
     def _task_identity(self, target: Any, args: tuple[Any, ...]) -> tuple[str, str | None]:

@@ -3,21 +3,30 @@
 Data flow::
 
     record_arrival(now, name) ──► open window count ──(window closes)──► Holt level + trend
-                                         └──────────────────────────────► task-mix weights
+                             │           └──────────────────────────────► task-mix weights
+                             └──► recent arrival times ──► burst rate (when improbably high)
     record_completion(now, name, runtime) ──► open window runtimes ──(window closes)──► per-name EWMA
     forecast(now, backlog, horizon) ──► Forecast(rate now, rate at now+horizon, mean service time)
 
 The predictor is pure: the caller passes every observation and the current time in, and nothing
 here reads a clock, sleeps or does I/O. Time is only used to decide which window an arrival
 belongs to, so a simulation that passes simulated seconds gets exactly what the pool would.
+
+Holt's level moves only when a window closes, so at the start of a burst it lags by up to a
+window. The burst rate closes that gap: when more arrivals came in the last
+``burst_lookback_s`` than the forecast makes plausible (a one-sided Poisson test at
+``burst_significance``), the rate they imply stands in for the forecast until the windows catch
+up. Ordinary Poisson clumping at a steady rate does not pass the test.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Forecast", "Predictor"]
+__all__ = ["Forecast", "Predictor", "poisson_tail"]
 
 # Hours of idleness are closed window by window; past this many empty windows whatever is left
 # of level, trend and task mix is below any meaningful rate, so it is dropped in one step.
@@ -45,6 +54,26 @@ class Forecast:
     backlog: int
     """Tasks waiting: queued in the pool plus the broker's queue, as told by the caller."""
     horizon_s: float
+    broker_backlog: int = 0
+    """Of ``backlog``, the tasks still in the broker: the pool has not even prefetched them, so
+    its prefetch (capacity x multiplier) is full and they wait for capacity that is missing."""
+    burst_rate: float = 0.0
+    """Tasks/s implied by the last moments' arrivals when they are improbably many for the
+    smoothed forecast (a burst has begun), else 0. ``predicted_rate`` is at least this."""
+
+
+def poisson_tail(k: int, mean: float) -> float:
+    """P(X >= k) for X ~ Poisson(mean): 1 minus the sum of the first k terms of the pmf."""
+    if k <= 0:
+        return 1.0
+    if mean <= 0:
+        return 0.0
+    term = math.exp(-mean)
+    below = term
+    for i in range(1, k):
+        term *= mean / i
+        below += term
+    return max(0.0, 1.0 - below)
 
 
 def _check_unit_interval(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -82,8 +111,19 @@ class Predictor:
         trend_beta: float = 0.3,
         service_alpha: float = 0.2,
         default_service_time: float = 0.05,
+        burst_lookback_s: float = 0.25,
+        burst_min_arrivals: int = 3,
+        burst_significance: float = 1e-3,
+        burst_memory: int = 64,
     ) -> None:
         _check_positive("window_s", window_s)
+        _check_positive("burst_lookback_s", burst_lookback_s)
+        _check_unit_interval("burst_significance", burst_significance)
+        if burst_min_arrivals < 1 or burst_memory < burst_min_arrivals:
+            raise ValueError(
+                f"invalid burst_min_arrivals={burst_min_arrivals!r}, burst_memory={burst_memory!r}:"
+                " need 1 <= burst_min_arrivals <= burst_memory"
+            )
         _check_unit_interval("level_alpha", level_alpha)
         # beta = 0 is plain exponential smoothing (no trend); that is a legitimate choice.
         _check_unit_interval("trend_beta", trend_beta, allow_zero=True)
@@ -94,6 +134,11 @@ class Predictor:
         self.trend_beta = trend_beta
         self.service_alpha = service_alpha
         self.default_service_time = default_service_time
+        self.burst_lookback_s = burst_lookback_s
+        self.burst_min_arrivals = burst_min_arrivals
+        self.burst_significance = burst_significance
+        # Times of the latest arrivals (one entry per task), for the burst test.
+        self._recent: deque[float] = deque(maxlen=burst_memory)
         # A pool starts with no known load; starting the level at 0 makes the first busy window
         # an ordinary step up, which the trend then sees.
         self._level = 0.0
@@ -123,6 +168,7 @@ class Predictor:
         self._advance(now)
         self._window_count += count
         self._window_names[task_name] = self._window_names.get(task_name, 0) + count
+        self._recent.extend([now] * min(count, self._recent.maxlen or 0))
 
     def record_completion(self, now: float, task_name: str, runtime_s: float) -> None:
         """Count one finished task's runtime towards its name's service time.
@@ -151,11 +197,26 @@ class Predictor:
 
     # -- forecast -----------------------------------------------------------------------------
 
-    def forecast(self, now: float, backlog: int, horizon_s: float) -> Forecast:
-        """Close the windows that ended by ``now`` and report load, and load ``horizon_s`` ahead."""
+    def forecast(
+        self,
+        now: float,
+        backlog: int,
+        horizon_s: float,
+        running: Mapping[str, float] | None = None,
+        broker_backlog: int = 0,
+    ) -> Forecast:
+        """Close the windows that ended by ``now`` and report load, and load ``horizon_s`` ahead.
+
+        ``running`` maps task names to how long their longest running instance has run so far:
+        a name never seen completing is then costed at twice that (it has taken that long
+        already, and is as likely past half-way as not), rather than at the default guess
+        until its first completion.
+        """
         _check_time(now)
         if backlog < 0:
             raise ValueError(f"invalid backlog={backlog!r}: must be >= 0")
+        if not 0 <= broker_backlog <= backlog:
+            raise ValueError(f"invalid broker_backlog={broker_backlog!r}: must be in [0, backlog]")
         if not (horizon_s >= 0 and math.isfinite(horizon_s)):
             raise ValueError(f"invalid horizon_s={horizon_s!r}: must be a finite number >= 0")
         self._advance(now)
@@ -163,15 +224,36 @@ class Predictor:
         assert self._window is not None
         # A window's count measures the rate at its middle, so the level is already this old.
         age = now - (self._window * self.window_s - self.window_s / 2)
+        burst = self._burst_rate(now, max(0.0, self._level + trend_per_s * age))
         return Forecast(
             at=now,
             arrival_rate=self._level,
-            predicted_rate=max(0.0, self._level + trend_per_s * (age + horizon_s)),
+            predicted_rate=max(burst, self._level + trend_per_s * (age + horizon_s)),
             trend=trend_per_s,
-            service_time=self._mix_service_time(),
+            service_time=self._mix_service_time(running or {}),
             backlog=backlog,
             horizon_s=horizon_s,
+            burst_rate=burst,
+            broker_backlog=broker_backlog,
         )
+
+    def _burst_rate(self, now: float, expected_rate: float) -> float:
+        """The rate of the last ``burst_lookback_s`` if it is improbably high, else 0.
+
+        ``k`` arrivals in the lookback, where the forecast expects ``m = rate * lookback``:
+        a burst when P(X >= k | Poisson(m)) < ``burst_significance``. The rate is ``k`` over the
+        time since the oldest of them (at least a quarter of the lookback, so three arrivals
+        a millisecond apart do not read as thousands per second).
+        """
+        start = now - self.burst_lookback_s
+        recent = [t for t in self._recent if start < t <= now]
+        k = len(recent)
+        if k < self.burst_min_arrivals:
+            return 0.0
+        if poisson_tail(k, expected_rate * self.burst_lookback_s) >= self.burst_significance:
+            return 0.0
+        span = max(now - recent[0], self.burst_lookback_s / 4)
+        return k / span
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -231,7 +313,7 @@ class Predictor:
             self._service_all = self._ewma(self._service_all, every / finished)
             self._runtimes = {}
 
-    def _mix_service_time(self) -> float:
+    def _mix_service_time(self, running: Mapping[str, float]) -> float:
         fallback = self._service_all
         if fallback is None and self._runtimes:
             every = sum(t for t, _ in self._runtimes.values())
@@ -251,5 +333,9 @@ class Predictor:
         weighted = 0.0
         for name, weight in weights.items():
             known = self.service_time(name)
-            weighted += weight * (fallback if known is None else known)
+            if known is None:
+                # Never seen finishing, but running for ``age``: half-way through is the median
+                # guess when nothing else is known (Gott's delta-t argument), so 2 x age.
+                known = max(fallback, 2.0 * running.get(name, 0.0))
+            weighted += weight * known
         return weighted / total

@@ -158,6 +158,9 @@ class SimulationConfig:
     max_step_down: int = 1
     drain_s: float = 1.0
     control_interval_s: float = 1.0
+    early_decision_gap_s: float | None = 0.05
+    """Like the pool, also decide on an arrival when the last decision is this old; None: only
+    at control ticks."""
     startup_s: float = 0.05
     window_s: float = 1.0
     tasks: tuple[TaskKind, ...] = (TaskKind("work", 0.05),)
@@ -225,6 +228,8 @@ class Tick:
     """Children kept after applying the decision (starting, idle or busy; not draining)."""
     forecast: Forecast
     decision: ScalingDecision
+    early: bool = False
+    """Made on an arrival between control ticks (as the pool does), not at a control tick."""
 
 
 @dataclass(frozen=True)
@@ -334,6 +339,7 @@ class _Sim:
     next_child: int = 0
     created: int = 0
     weights: Sequence[float] = ()
+    last_decision_at: float | None = None
 
     def push(self, at: float, kind: int, ref: int) -> None:
         # seq breaks ties between events of one kind at one instant in creation order.
@@ -421,8 +427,9 @@ class _Sim:
             child.stopped = now  # drained: its last task is done, it leaves
         self.dispatch(now)
 
-    def on_tick(self, now: float) -> None:
+    def on_tick(self, now: float, early: bool = False) -> None:
         config = self.config
+        self.last_decision_at = now
         active = self.active()
         ready = sum(1 for c in active if not c.starting)
         horizon = config.control_interval_s + config.startup_s
@@ -437,9 +444,15 @@ class _Sim:
         need = children_needed(true_rate, config.mean_service_s, config.target_wait_s)
         self.ticks.append(
             Tick(
-                now, true_rate, need, len(self.queue), ready, len(self.active()), forecast, decision
+                now, true_rate, need, len(self.queue), ready, len(self.active()), forecast, decision,
+                early,
             )
         )
+
+    def maybe_decide_early(self, now: float) -> None:
+        gap = self.config.early_decision_gap_s
+        if gap is not None and (self.last_decision_at is None or now - self.last_decision_at >= gap):
+            self.on_tick(now, early=True)
 
 
 def simulate(trace: LoadTrace, config: SimulationConfig | None = None) -> SimulationResult:
@@ -482,6 +495,7 @@ def simulate(trace: LoadTrace, config: SimulationConfig | None = None) -> Simula
             task = sim.tasks[ref]
             sim.predictor.record_arrival(now, task.kind.name)
             sim.queue.append(task.id)
+            sim.maybe_decide_early(now)  # before dispatch: a child retired now takes nothing
             sim.dispatch(now)
             sim.schedule_next_arrival(now)
         else:

@@ -339,6 +339,18 @@ class Supervisor:
         with self._lock:
             return self.scheduler.queued_count()
 
+    def running_ages(self, now: float) -> dict[str, float]:
+        """Longest time any running job of each task name has run so far (``now`` on the
+        monotonic clock children stamp their start with)."""
+        ages: dict[str, float] = {}
+        with self._lock:
+            for job in self._jobs.values():
+                if job.accepted_at is not None and job.pid is not None:
+                    age = max(0.0, now - job.accepted_at)
+                    if age > ages.get(job.task_name, -1.0):
+                        ages[job.task_name] = age
+        return ages
+
     # ================================================================== internals
     # -- children ------------------------------------------------------------------
     def _free_slot(self) -> int:
@@ -480,6 +492,8 @@ class Supervisor:
         child.ready_at = self.clock.now()
         child.cpu = message.cpu
         self._start_failures = 0
+        logger.debug("Child pid=%s ready %.0f ms after it was started", child.pid,
+                     (child.ready_at - child.created_at) * 1000)
         if child.state is ChildState.DRAINING:
             self._maybe_stop_drained(child)
             return

@@ -129,6 +129,18 @@ def test_a_backlog_counts_as_arrivals_spread_over_the_drain_horizon() -> None:
     assert children_needed(20.0, 0.05, 0.2, backlog=100) >= children_needed(20.0, 0.05, 0.2) + 4
 
 
+def test_tasks_still_in_the_broker_are_cleared_within_the_target_wait() -> None:
+    # 10 tasks of 200 ms in the pool's queue: spread over the 1 s drain horizon. The same 10
+    # still in the broker (the prefetch is full): within the 200 ms target, so 5x the rate.
+    assert children_needed(0.0, 0.2, 0.2, urgent_backlog=10) == children_needed(50.0, 0.2, 0.2)
+    assert children_needed(0.0, 0.2, 0.2, backlog=10) == children_needed(10.0, 0.2, 0.2)
+    c = Controller(min_children=1, max_children=32)
+    seen = dataclasses.replace(forecast(0.0, 0.2, backlog=10), broker_backlog=0)
+    unseen = dataclasses.replace(forecast(0.0, 0.2, backlog=10), broker_backlog=10)
+    assert c.decide(0.0, unseen, current=1).target > c.decide(0.0, seen, current=1).target
+    assert "(10 in the broker)" in c.decide(0.1, unseen, current=1).reason
+
+
 @given(st.floats(0.0, 200.0), st.integers(0, 1000), st.integers(0, 1000))
 def test_children_needed_never_shrinks_with_a_longer_backlog(rate: float, q1: int, q2: int) -> None:
     low, high = sorted((q1, q2))

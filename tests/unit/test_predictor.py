@@ -233,3 +233,69 @@ def test_a_constant_rate_is_learned_whatever_it_is(per_window: int) -> None:
     f = p.forecast(30.0, backlog=0, horizon_s=1.0)
     assert f.arrival_rate == pytest.approx(per_window, rel=1e-3)
     assert f.predicted_rate == pytest.approx(per_window, rel=1e-3)
+
+
+# -- bursts and unknown service times ------------------------------------------------------
+def test_poisson_tail_matches_the_pmf() -> None:
+    from celery_adaptive.predictor import poisson_tail
+
+    assert poisson_tail(0, 3.0) == 1.0
+    assert poisson_tail(1, 0.0) == 0.0
+    assert poisson_tail(1, 2.0) == pytest.approx(1 - math.exp(-2.0))
+    assert poisson_tail(3, 2.0) == pytest.approx(1 - math.exp(-2.0) * (1 + 2.0 + 2.0))
+    assert poisson_tail(3, 1000.0) == 1.0  # exp underflow: never reads as improbable
+
+
+def test_a_burst_after_idle_is_seen_from_its_first_arrivals() -> None:
+    p = Predictor()
+    p.forecast(10.0, 0, 2.0)
+    for t in (20.000, 20.010, 20.020, 20.030):
+        p.record_arrival(t, "io")
+    f = p.forecast(20.031, 0, 2.0)
+    assert f.arrival_rate == 0.0  # the 1 s windows have not noticed yet
+    assert f.burst_rate == pytest.approx(4 / 0.0625)  # span floored at a quarter lookback
+    assert f.predicted_rate == f.burst_rate
+    # Two arrivals are not a burst; a quarter of a second later the burst is over.
+    assert p.forecast(20.5, 0, 2.0).burst_rate == 0.0
+
+
+def test_a_steady_poisson_load_does_not_read_as_bursts() -> None:
+    import random
+
+    rng = random.Random(7)
+    p = Predictor()
+    t, fired, checks = 0.0, 0, 0
+    while t < 300.0:
+        t += rng.expovariate(40.0)
+        p.record_arrival(t, "t")
+        if t > 10.0:  # once the level has learned the rate
+            checks += 1
+            fired += p.forecast(t, 0, 2.0).burst_rate > 0
+    assert checks > 10_000
+    assert fired / checks < 0.005
+
+
+def test_a_jump_in_rate_is_seen_before_the_window_closes() -> None:
+    p = Predictor()
+    feed_steady(p, 10, 0.0, 20.0)
+    feed_steady(p, 200, 20.0, 20.1)
+    f = p.forecast(20.1, 0, 2.0)
+    assert f.arrival_rate == pytest.approx(10.0, rel=0.05)
+    assert f.burst_rate > 100.0
+
+
+def test_an_unseen_name_is_costed_at_twice_its_longest_run_so_far() -> None:
+    p = Predictor(default_service_time=0.05)
+    p.record_arrival(1.0, "new")
+    assert p.forecast(1.01, 0, 2.0, running={"new": 0.01}).service_time == 0.05
+    assert p.forecast(1.2, 0, 2.0, running={"new": 0.15}).service_time == pytest.approx(0.3)
+    p.record_completion(1.5, "new", 0.4)
+    # Once it has finished, its runtimes decide; a running instance no longer does.
+    assert p.forecast(1.6, 0, 2.0, running={"new": 0.9}).service_time == pytest.approx(0.4)
+
+
+def test_the_broker_part_of_the_backlog_is_carried_and_checked() -> None:
+    p = Predictor()
+    assert p.forecast(1.0, 10, 2.0, broker_backlog=4).broker_backlog == 4
+    with pytest.raises(ValueError, match="broker_backlog"):
+        p.forecast(1.0, 3, 2.0, broker_backlog=4)

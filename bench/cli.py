@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     say(f"results: {folder}")
     if args.baseline not in meta["pools"]:
         say(f"note: baseline {args.baseline!r} is not among the pools; no ratios")
+    # SIGTERM (a `kill`, a CI timeout) unwinds like Ctrl-C, so the worker and Redis this run
+    # started are stopped by their context managers instead of being left behind.
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         with EmbeddedRedis() as server:
             say(f"private redis: {server.url}")
@@ -126,6 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         say(f"interrupted; finished runs are in {folder / 'runs'}; "
             f"`python -m bench report {folder}` summarises them")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     write_report(folder, records, meta)
     failed = [r["run_id"] for r in records if r["status"] != "ok"]
     if failed:
@@ -147,3 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return cmd_run(args)
     return cmd_report(args)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

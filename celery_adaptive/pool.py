@@ -111,6 +111,8 @@ class Pool(BasePool):
         self.supervisor: Supervisor | None = None
         self.autoscaler: AdaptiveAutoscaler | None = None
         self.metrics: MetricsService | None = None  # celery_adaptive.metrics, made in on_start
+        self._tick_timer: Any = None  # the autoscaler's next scheduled decision (a Deadline)
+        self._tick_at = 0.0
         self._install_consumer_link()
 
     # ------------------------------------------------------------------ setup
@@ -204,6 +206,9 @@ class Pool(BasePool):
         self.autoscaler.probe = BacklogProbe(
             self.app, queues, min(self.settings.control_interval, 0.25),
             busy=lambda: sup.jobs_in_flight() or sup.jobs_queued(),
+            # Idle, the consumer takes every message itself (the prefetch is empty) and each
+            # arrival pokes the probe, so a slow idle read only keeps the metric fresh.
+            idle_interval=10.0,
             saturated=lambda: sup.jobs_queued() > 0,
             # From the probe's thread: decide on the event loop, as for an arrival.
             on_backlog=lambda value: sup.call_later(0.0, self._decide_early, "autoscale-early"),
@@ -214,7 +219,7 @@ class Pool(BasePool):
         if target != sup.target:
             self.resize_to(target, f"autoscale bounds [{low}, {high}]")
         self._sync_prefetch()
-        sup.call_later(self.settings.control_interval, self._autoscale_tick, "autoscale")
+        self._schedule_tick(self.settings.control_interval)
         logger.info("Predictive autoscaler on: %d..%d children, target wait %.0f ms",
                     low, high, self.settings.target_wait * 1000)
 
@@ -226,7 +231,14 @@ class Pool(BasePool):
             self.autoscaler.tick(sup.clock.now())
         except Exception:
             logger.exception("Autoscaler tick failed; keeping the current size")
-        sup.call_later(self.settings.control_interval, self._autoscale_tick, "autoscale")
+        self._schedule_tick(self.autoscaler.next_tick_in())
+
+    def _schedule_tick(self, delay: float) -> None:
+        assert self.supervisor is not None
+        if self._tick_timer is not None:
+            self._tick_timer.cancel()
+        self._tick_at = self.supervisor.clock.now() + delay
+        self._tick_timer = self.supervisor.call_later(delay, self._autoscale_tick, "autoscale")
 
     def _decide_early(self) -> None:
         """An arrival, or a broker backlog, between ticks: decide now if the last decision is
@@ -240,6 +252,11 @@ class Pool(BasePool):
                 self.autoscaler.tick(now)
             except Exception:
                 logger.exception("Autoscaler decision failed; keeping the current size")
+            # Work arrived while the ticks were spaced out for idleness: tick at the normal
+            # pace again, or the scale-down after this burst would wait for the idle tick.
+            interval = self.autoscaler.next_tick_in()
+            if self._tick_at - now > interval:
+                self._schedule_tick(interval)
 
     def resize_to(self, target: int, reason: str) -> None:
         """Set the number of children and move the consumer's prefetch with it (on L)."""

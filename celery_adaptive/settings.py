@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_autoscale": False,
     "adaptive_target_wait": 0.2,
     "adaptive_control_interval": 1.0,
-    "adaptive_stabilization_window": 5.0,
+    "adaptive_stabilization_window": 3.0,
     "adaptive_child_start_timeout": 60.0,
     "adaptive_metrics_enabled": True,
     "adaptive_metrics_interval": 2.0,

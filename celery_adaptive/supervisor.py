@@ -50,6 +50,8 @@ from celery_adaptive.timers import Deadline, DeadlineHeap
 
 logger = logging.getLogger("celery_adaptive.supervisor")
 
+#: While L has not yet run a due timer it was told about, the I/O thread looks again this often.
+TIMER_RECHECK_S = 0.005
 #: How long a hard-time-limited child gets between SIGTERM and SIGKILL (prefork: 0.1 s).
 KILL_GRACE = 0.1
 #: How long warm shutdown waits for idle children to exit after StopChild before SIGKILL.
@@ -849,12 +851,18 @@ class Supervisor:
             pass
 
     def _io_loop(self) -> None:
+        posted_due: float | None = None  # the due deadline already handed to L
         while not self._io_stop.is_set():
             with self._watch_lock:
                 conns = dict(self._watched_conns)
                 sentinels = dict(self._watched_sentinels)
             next_due = self._deadlines.next_due()
-            timeout = 1.0 if next_due is None else min(1.0, max(0.0, next_due - self.clock.now()))
+            if next_due is not None and next_due == posted_due:
+                # L has been told and will pop it; spinning with a zero timeout until it does
+                # was most of an idle worker's CPU. Look again shortly.
+                timeout = TIMER_RECHECK_S
+            else:
+                timeout = 1.0 if next_due is None else min(1.0, max(0.0, next_due - self.clock.now()))
             try:
                 ready = wait_for([*conns, *sentinels, self._wake_r], timeout)
             except (OSError, ValueError):
@@ -883,8 +891,9 @@ class Supervisor:
                 self._events.put(("exit", child_id))
                 posted = True
             next_due = self._deadlines.next_due()
-            if next_due is not None and next_due <= self.clock.now():
+            if next_due is not None and next_due <= self.clock.now() and next_due != posted_due:
                 self._events.put(("timers",))
+                posted_due = next_due
                 posted = True
             if posted:
                 self._notify()

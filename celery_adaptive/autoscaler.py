@@ -170,6 +170,7 @@ class AdaptiveAutoscaler:
         current: Callable[[], int],
         pool_backlog: Callable[[], int],
         running_ages: Callable[[float], Mapping[str, float]] = lambda now: {},
+        oldest_wait: Callable[[float], float] = lambda now: 0.0,
     ) -> None:
         self.settings = settings
         self.predictor = Predictor(window_s=min(1.0, settings.control_interval))
@@ -192,6 +193,7 @@ class AdaptiveAutoscaler:
         self._current = current
         self._pool_backlog = pool_backlog
         self._running_ages = running_ages
+        self._oldest_wait = oldest_wait
         self.probe: BacklogProbe | None = None
         self.last_forecast: Forecast | None = None
         self.last_decision: ScalingDecision | None = None
@@ -230,7 +232,8 @@ class AdaptiveAutoscaler:
         horizon = self.settings.control_interval * 2
         broker = self.broker_backlog()
         forecast = self.predictor.forecast(
-            now, self._pool_backlog() + broker, horizon, self._running_ages(now), broker
+            now, self._pool_backlog() + broker, horizon, self._running_ages(now), broker,
+            self._oldest_wait(now),
         )
         decision = self.controller.decide(now, forecast, self._current())
         self.last_forecast, self.last_decision = forecast, decision

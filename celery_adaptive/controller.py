@@ -25,6 +25,9 @@ The sizing formula (M/M/c with a backlog term):
   full, so these tasks wait for capacity that does not exist yet) is cleared within the target
   wait instead: ``λ_eff = λ + Q_pool / D + Q_broker / W``. In a healthy pool the prefetch absorbs
   the queue and the broker part is 0, so a steady load's momentary queues never trigger it.
+  The same holds for the whole backlog once its oldest task has waited half the target: the
+  queue is then not a clump the next interval absorbs (a stall, a hiccup of the host) and the
+  pool grows to catch up within the target.
 * ``needed`` is the smallest c with ``Wq(c; λ_eff, S) <= W`` (W = ``target_wait_s``); 0 when
   there is no load at all.
 
@@ -46,6 +49,9 @@ from celery_adaptive.predictor import Forecast
 __all__ = ["Controller", "Direction", "ScalingDecision", "children_needed", "erlang_c_wait"]
 
 Direction = Literal["up", "down", "hold"]
+
+#: A queue whose oldest task has waited this fraction of the target wait is cleared urgently.
+LATE_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -217,13 +223,16 @@ class Controller:
             self._first_at = now
 
         low, high = self.min_children, self.max_children
+        # A queued task has already used half of the target wait: the queue is not a momentary
+        # clump that a control interval will absorb, so all of it is cleared within the target.
+        late = forecast.oldest_wait_s >= self.target_wait_s * LATE_FRACTION
         needed = children_needed(
             forecast.predicted_rate,
             forecast.service_time,
             self.target_wait_s,
-            backlog=forecast.backlog - forecast.broker_backlog,
+            backlog=0 if late else forecast.backlog - forecast.broker_backlog,
             drain_s=self.drain_s,
-            urgent_backlog=forecast.broker_backlog,
+            urgent_backlog=forecast.backlog if late else forecast.broker_backlog,
             limit=high + 1,
         )
         desired = min(max(needed, low), high)
@@ -291,6 +300,8 @@ class Controller:
             f"forecast {forecast.predicted_rate:.1f}/s x {_ms(forecast.service_time)}"
             f" with backlog {forecast.backlog}"
             + (f" ({forecast.broker_backlog} in the broker)" if forecast.broker_backlog else "")
+            + (f", oldest waiting {_ms(forecast.oldest_wait_s)}"
+               if forecast.oldest_wait_s >= self.target_wait_s * LATE_FRACTION else "")
         )
         wait = f"wait <= {_ms(self.target_wait_s)}"
         if needed > self.max_children:

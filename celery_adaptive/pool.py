@@ -189,7 +189,8 @@ class Pool(BasePool):
         assert self.supervisor is not None
         sup = self.supervisor
         self.autoscaler = AdaptiveAutoscaler(
-            self.settings, self.resize_to, lambda: sup.target, sup.jobs_queued, sup.running_ages
+            self.settings, self.resize_to, lambda: sup.target, sup.jobs_queued, sup.running_ages,
+            sup.oldest_wait,
         )
         explicit = self.app.conf.get("adaptive_min_children") or self.app.conf.get("adaptive_max_children")
         if celery_autoscaler is not None and not explicit:

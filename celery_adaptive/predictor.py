@@ -57,6 +57,8 @@ class Forecast:
     broker_backlog: int = 0
     """Of ``backlog``, the tasks still in the broker: the pool has not even prefetched them, so
     its prefetch (capacity x multiplier) is full and they wait for capacity that is missing."""
+    oldest_wait_s: float = 0.0
+    """How long the longest-waiting task in the pool's queue has waited so far."""
     burst_rate: float = 0.0
     """Tasks/s implied by the last moments' arrivals when they are improbably many for the
     smoothed forecast (a burst has begun), else 0. ``predicted_rate`` is at least this."""
@@ -204,6 +206,7 @@ class Predictor:
         horizon_s: float,
         running: Mapping[str, float] | None = None,
         broker_backlog: int = 0,
+        oldest_wait_s: float = 0.0,
     ) -> Forecast:
         """Close the windows that ended by ``now`` and report load, and load ``horizon_s`` ahead.
 
@@ -235,6 +238,7 @@ class Predictor:
             horizon_s=horizon_s,
             burst_rate=burst,
             broker_backlog=broker_backlog,
+            oldest_wait_s=max(0.0, oldest_wait_s),
         )
 
     def _burst_rate(self, now: float, expected_rate: float) -> float:

@@ -408,6 +408,10 @@ class Scheduler:
     def queued_count(self) -> int:
         return sum(1 for j in self._jobs.values() if j.state is JobState.QUEUED)
 
+    def oldest_queued_at(self) -> float | None:
+        """Submit time of the task that has waited longest for a child, None if none waits."""
+        return min((j.submitted_at for j in self._jobs.values() if j.state is JobState.QUEUED), default=None)
+
     def in_flight_count(self) -> int:
         return sum(1 for j in self._jobs.values() if j.state is not JobState.QUEUED)
 

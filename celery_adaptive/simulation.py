@@ -433,7 +433,8 @@ class _Sim:
         active = self.active()
         ready = sum(1 for c in active if not c.starting)
         horizon = config.control_interval_s + config.startup_s
-        forecast = self.predictor.forecast(now, len(self.queue), horizon)
+        oldest = now - self.tasks[self.queue[0]].arrived if self.queue else 0.0
+        forecast = self.predictor.forecast(now, len(self.queue), horizon, oldest_wait_s=oldest)
         decision = self.controller.decide(now, forecast, len(active))
         if decision.target > len(active):
             for _ in range(decision.target - len(active)):

@@ -341,6 +341,12 @@ class Supervisor:
         with self._lock:
             return self.scheduler.queued_count()
 
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the longest-waiting queued task has waited so far (0 when none waits)."""
+        with self._lock:
+            oldest = self.scheduler.oldest_queued_at()
+        return 0.0 if oldest is None else max(0.0, now - oldest)
+
     def running_ages(self, now: float) -> dict[str, float]:
         """Longest time any running job of each task name has run so far (``now`` on the
         monotonic clock children stamp their start with)."""

@@ -141,6 +141,18 @@ def test_tasks_still_in_the_broker_are_cleared_within_the_target_wait() -> None:
     assert "(10 in the broker)" in c.decide(0.1, unseen, current=1).reason
 
 
+def test_a_queue_whose_oldest_task_is_late_is_cleared_within_the_target() -> None:
+    # 100/s of 10 ms tasks with 20 queued: a momentary clump is spread over the drain horizon;
+    # once the oldest has waited half the 200 ms target, the queue must clear within it.
+    c = Controller(min_children=1, max_children=32)
+    fresh = dataclasses.replace(forecast(100.0, 0.01, backlog=20), oldest_wait_s=0.02)
+    late = dataclasses.replace(forecast(100.0, 0.01, backlog=20), oldest_wait_s=0.12)
+    assert c.decide(0.0, fresh, current=2).desired == children_needed(100.0, 0.01, 0.2, backlog=20)
+    d = c.decide(0.1, late, current=2)
+    assert d.desired == children_needed(100.0, 0.01, 0.2, urgent_backlog=20) > 2
+    assert "oldest waiting 120 ms" in d.reason
+
+
 @given(st.floats(0.0, 200.0), st.integers(0, 1000), st.integers(0, 1000))
 def test_children_needed_never_shrinks_with_a_longer_backlog(rate: float, q1: int, q2: int) -> None:
     low, high = sorted((q1, q2))

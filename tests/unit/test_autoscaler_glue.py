@@ -1,0 +1,43 @@
+"""The autoscaler's glue without Celery: decisions applied through callbacks, idle pacing."""
+
+from __future__ import annotations
+
+from celery_adaptive.autoscaler import IDLE_TICK_FACTOR, AdaptiveAutoscaler
+from celery_adaptive.settings import build_settings
+
+
+def make(running: dict[str, float] | None = None) -> tuple[AdaptiveAutoscaler, list[int]]:
+    settings = build_settings(
+        {"adaptive_min_children": 1, "adaptive_max_children": 8, "adaptive_autoscale": True}, {}
+    )
+    sizes = [1]
+    scaler = AdaptiveAutoscaler(
+        settings,
+        resize_to=lambda target, reason: sizes.append(target),
+        current=lambda: sizes[-1],
+        pool_backlog=lambda: 0,
+        running_ages=lambda now: dict(running or {}),
+    )
+    return scaler, sizes
+
+
+def test_an_idle_pool_at_its_minimum_ticks_less_often_and_work_restores_the_pace() -> None:
+    scaler, sizes = make()
+    interval = scaler.settings.control_interval
+    assert scaler.next_tick_in() == interval  # nothing decided yet
+    scaler.tick(100.0)
+    assert sizes == [1]
+    assert scaler.next_tick_in() == interval * IDLE_TICK_FACTOR
+    # A burst: its first arrivals are enough to grow, and the pace is normal again.
+    for i in range(6):
+        scaler.record_arrival(200.0 + i * 0.01, "io")
+        scaler.record_completion(200.0 + i * 0.01, "io", 0.2)
+    decision = scaler.tick(200.06)
+    assert decision.direction == "up" and sizes[-1] > 1
+    assert scaler.next_tick_in() == interval
+
+
+def test_a_running_task_keeps_the_normal_pace_even_with_no_arrivals() -> None:
+    scaler, _ = make(running={"slow": 30.0})
+    scaler.tick(100.0)
+    assert scaler.next_tick_in() == scaler.settings.control_interval

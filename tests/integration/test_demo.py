@@ -177,10 +177,15 @@ class TreeWatcher:
                 return
             for proc in procs:
                 # Read again each time: just after fork, a child still shows its parent's cmdline.
+                # But an exiting process (a zombie) shows an empty one: keep what was seen.
                 try:
-                    self.seen[proc.pid] = (proc.create_time(), proc.ppid(), " ".join(proc.cmdline()))
+                    created, ppid, cmd = proc.create_time(), proc.ppid(), " ".join(proc.cmdline())
                 except psutil.Error:
                     continue
+                known = self.seen.get(proc.pid)
+                if not cmd and known is not None and known[0] == created:
+                    continue
+                self.seen[proc.pid] = (created, ppid, cmd)
             self._halt.wait(0.1)
 
     def stop(self) -> None:

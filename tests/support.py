@@ -87,7 +87,7 @@ class WorkerProcess:
             kids = psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        pids = [k.pid for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+        pids = [k.pid for k in kids if _alive(k)]
         self.seen.update(pids)
         return pids
 
@@ -193,3 +193,11 @@ def start_worker_process(
             raise AssertionError(f"worker exited at start; log:\n{worker.log()[-4000:]}")
         worker.child_pids()
     return worker
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Running and not a zombie; a child that exits between the two reads is not alive."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -44,7 +44,14 @@ def _supervisor(target: Any, children: int = 1) -> Supervisor:
 
 
 def _own_children() -> set[int]:
-    return {p.pid for p in psutil.Process().children() if p.status() != psutil.STATUS_ZOMBIE}
+    alive = set()
+    for p in psutil.Process().children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.add(p.pid)
+        except psutil.NoSuchProcess:  # exited between the listing and the read
+            pass
+    return alive
 
 
 def test_child_sending_garbage_is_replaced():

@@ -225,14 +225,25 @@ class Pool(BasePool):
                     low, high, self.settings.target_wait * 1000)
 
     def _autoscale_tick(self) -> None:
+        now = self._decide_now()
+        if now is not None:
+            assert self.autoscaler is not None
+            self._decide(now)
+            self._schedule_tick(self.autoscaler.next_tick_in())
+
+    def _decide_now(self) -> float | None:
+        """The time to decide at, or None when there is no running autoscaler."""
         sup = self.supervisor
         if sup is None or self.autoscaler is None or self._state not in (None, self.RUN):
-            return
+            return None
+        return sup.clock.now()
+
+    def _decide(self, now: float) -> None:
+        assert self.autoscaler is not None
         try:
-            self.autoscaler.tick(sup.clock.now())
+            self.autoscaler.tick(now)
         except Exception:
-            logger.exception("Autoscaler tick failed; keeping the current size")
-        self._schedule_tick(self.autoscaler.next_tick_in())
+            logger.exception("Autoscaler decision failed; keeping the current size")
 
     def _schedule_tick(self, delay: float) -> None:
         assert self.supervisor is not None
@@ -244,15 +255,12 @@ class Pool(BasePool):
     def _decide_early(self) -> None:
         """An arrival, or a broker backlog, between ticks: decide now if the last decision is
         50 ms old or more. On the event loop."""
-        sup = self.supervisor
-        if sup is None or self.autoscaler is None or self._state not in (None, self.RUN):
+        now = self._decide_now()
+        if now is None:
             return
-        now = sup.clock.now()
+        assert self.autoscaler is not None
         if self.autoscaler.due_early(now):
-            try:
-                self.autoscaler.tick(now)
-            except Exception:
-                logger.exception("Autoscaler decision failed; keeping the current size")
+            self._decide(now)
             # Work arrived while the ticks were spaced out for idleness: tick at the normal
             # pace again, or the scale-down after this burst would wait for the idle tick.
             interval = self.autoscaler.next_tick_in()

@@ -22,6 +22,8 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 #: Bumped when a published field changes meaning or disappears.
@@ -289,15 +291,29 @@ def rate(count_now: int, count_before: int, span: float) -> float | None:
     return max(0, count_now - count_before) / span
 
 
-class _Values:
-    """The waits and run times of one task name in one batch, each sorted once."""
+class _Values(NamedTuple):
+    """How many completions of one task name, and their waits and run times, each sorted."""
 
-    __slots__ = ("count", "waits", "runs")
+    completions: int
+    waits: list[float]
+    runs: list[float]
 
-    def __init__(self, items: Sequence[Completion]) -> None:
-        self.count = len(items)
-        self.waits = sorted([c.wait_s for c in items if c.wait_s is not None])
-        self.runs = sorted([c.run_s for c in items if c.run_s is not None])
+    @classmethod
+    def of(cls, items: Sequence[Completion]) -> _Values:
+        return cls(
+            len(items),
+            sorted([c.wait_s for c in items if c.wait_s is not None]),
+            sorted([c.run_s for c in items if c.run_s is not None]),
+        )
+
+    @classmethod
+    def merged(cls, parts: Sequence[_Values]) -> _Values:
+        """Sorting concatenated sorted runs is a near-linear merge for Timsort."""
+        return cls(
+            sum(p.completions for p in parts),
+            sorted(chain.from_iterable(p.waits for p in parts)),
+            sorted(chain.from_iterable(p.runs for p in parts)),
+        )
 
 
 class _Batch:
@@ -310,7 +326,7 @@ class _Batch:
         grouped: dict[str, list[Completion]] = {}
         for item in items:
             grouped.setdefault(item.task_name, []).append(item)
-        self.by_name = {name: _Values(group) for name, group in grouped.items()}
+        self.by_name = {name: _Values.of(group) for name, group in grouped.items()}
 
     @property
     def newest(self) -> float:
@@ -343,7 +359,7 @@ class LatencyWindow:
         self._count = 0
 
     def extend(self, completions: Iterable[Completion]) -> None:
-        items = sorted(completions, key=_at)
+        items = sorted(completions, key=attrgetter("at"))
         if not items:
             return
         self._batches.append(_Batch(items))
@@ -381,42 +397,17 @@ class LatencyWindow:
         for batch in self._batches:
             for name, values in batch.by_name.items():
                 parts.setdefault(name, []).append(values)
-        merged = {name: _merge(values) for name, values in parts.items()}
+        merged = {name: _Values.merged(values) for name, values in parts.items()}
         overall = LatencyStats(
             count=self._count,
-            wait=percentiles(_chain(m.wait for m in merged.values())),
-            run=percentiles(_chain(m.run for m in merged.values())),
+            wait=percentiles(chain.from_iterable(m.waits for m in merged.values())),
+            run=percentiles(chain.from_iterable(m.runs for m in merged.values())),
         )
         busiest = sorted(merged.items(), key=lambda kv: (-kv[1].completions, kv[0]))[:max_names]
         return overall, {
-            name: LatencyStats(count=m.completions, wait=_percentiles_sorted(m.wait), run=_percentiles_sorted(m.run))
+            name: LatencyStats(count=m.completions, wait=_percentiles_sorted(m.waits), run=_percentiles_sorted(m.runs))
             for name, m in sorted(busiest)
         }
-
-
-def _at(completion: Completion) -> float:
-    return completion.at
-
-
-class _Merged(NamedTuple):
-    completions: int
-    wait: list[float]
-    run: list[float]
-
-
-def _chain(runs: Iterable[list[float]]) -> list[float]:
-    out: list[float] = []
-    for run in runs:
-        out.extend(run)
-    return out
-
-
-def _merge(values: list[_Values]) -> _Merged:
-    return _Merged(
-        completions=sum(v.count for v in values),
-        wait=sorted(_chain(v.waits for v in values)),
-        run=sorted(_chain(v.runs for v in values)),
-    )
 
 
 def _percentiles_sorted(ordered: Sequence[float]) -> Percentiles | None:

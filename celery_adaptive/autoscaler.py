@@ -33,6 +33,9 @@ logger = logging.getLogger("celery_adaptive.autoscaler")
 #: An idle pool at its minimum decides this many times less often (see `next_tick_in`).
 IDLE_TICK_FACTOR = 5
 
+#: Decisions triggered by arrivals or a broker backlog are at least this far apart (seconds).
+EARLY_DECISION_GAP_S = 0.01
+
 
 class BacklogProbe:
     """Reads the broker's queue lengths off the event loop, on its own connection.
@@ -224,9 +227,14 @@ class AdaptiveAutoscaler:
         broker = self.probe.value if self.probe is not None else None
         return broker or 0
 
-    def due_early(self, now: float, min_gap: float = 0.05) -> bool:
-        """May an arrival trigger a decision now? At most one every ``min_gap`` seconds."""
-        return self.last_decision is None or now - self.last_decision.at >= min_gap
+    def early_decision_at(self, now: float) -> float:
+        """When an arrival may trigger a decision: ``now``, or ``EARLY_DECISION_GAP_S`` after
+        the last one. A decision costs ~20 us, so the gap only bounds the cost under a flood
+        (at most 100 per second); an arrival inside it gets a decision at its end, never none:
+        the arrivals of a burst's first few milliseconds are its evidence."""
+        if self.last_decision is None:
+            return now
+        return max(now, self.last_decision.at + EARLY_DECISION_GAP_S)
 
     def tick(self, now: float) -> ScalingDecision:
         horizon = self.settings.control_interval * 2

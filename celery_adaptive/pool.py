@@ -112,6 +112,7 @@ class Pool(BasePool):
         self.autoscaler: AdaptiveAutoscaler | None = None
         self.metrics: MetricsService | None = None  # celery_adaptive.metrics, made in on_start
         self._tick_timer: Any = None  # the autoscaler's next scheduled decision (a Deadline)
+        self._early_timer: Any = None  # an arrival's decision, deferred to the end of the gap
         self._tick_at = 0.0
         self._install_consumer_link()
 
@@ -253,19 +254,29 @@ class Pool(BasePool):
         self._tick_timer = self.supervisor.call_later(delay, self._autoscale_tick, "autoscale")
 
     def _decide_early(self) -> None:
-        """An arrival, or a broker backlog, between ticks: decide now if the last decision is
-        50 ms old or more. On the event loop."""
+        """An arrival, or a broker backlog, between ticks: decide now, or at the end of the
+        short gap between early decisions when one was just made. On the event loop."""
         now = self._decide_now()
         if now is None:
             return
-        assert self.autoscaler is not None
-        if self.autoscaler.due_early(now):
-            self._decide(now)
-            # Work arrived while the ticks were spaced out for idleness: tick at the normal
-            # pace again, or the scale-down after this burst would wait for the idle tick.
-            interval = self.autoscaler.next_tick_in()
-            if self._tick_at - now > interval:
-                self._schedule_tick(interval)
+        assert self.autoscaler is not None and self.supervisor is not None
+        due = self.autoscaler.early_decision_at(now)
+        if due > now:
+            if self._early_timer is None:
+                self._early_timer = self.supervisor.call_later(
+                    due - now, self._deferred_decision, "autoscale-early"
+                )
+            return
+        self._decide(now)
+        # Work arrived while the ticks were spaced out for idleness: tick at the normal pace
+        # again, or the scale-down after this burst would wait for the idle tick.
+        interval = self.autoscaler.next_tick_in()
+        if self._tick_at - now > interval:
+            self._schedule_tick(interval)
+
+    def _deferred_decision(self) -> None:
+        self._early_timer = None
+        self._decide_early()
 
     def resize_to(self, target: int, reason: str) -> None:
         """Set the number of children and move the consumer's prefetch with it (on L)."""

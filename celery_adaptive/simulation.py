@@ -158,9 +158,9 @@ class SimulationConfig:
     max_step_down: int = 1
     drain_s: float = 1.0
     control_interval_s: float = 1.0
-    early_decision_gap_s: float | None = 0.05
-    """Like the pool, also decide on an arrival when the last decision is this old; None: only
-    at control ticks."""
+    early_decision_gap_s: float | None = 0.01
+    """Like the pool, also decide on an arrival (or at the end of this gap after the last
+    decision, when one was just made); None: only at control ticks."""
     startup_s: float = 0.05
     window_s: float = 1.0
     tasks: tuple[TaskKind, ...] = (TaskKind("work", 0.05),)
@@ -292,7 +292,7 @@ class SimulationResult:
 # Event kinds in the order they run at the same instant: a child that becomes ready or frees up
 # takes work before the arrival of that instant is queued, and the control tick sees the state
 # after everything else that happened at its instant.
-_READY, _FINISH, _ARRIVAL, _TICK = 0, 1, 2, 3
+_READY, _FINISH, _ARRIVAL, _EARLY, _TICK = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -340,6 +340,7 @@ class _Sim:
     created: int = 0
     weights: Sequence[float] = ()
     last_decision_at: float | None = None
+    early_pending: bool = False
 
     def push(self, at: float, kind: int, ref: int) -> None:
         # seq breaks ties between events of one kind at one instant in creation order.
@@ -451,9 +452,15 @@ class _Sim:
         )
 
     def maybe_decide_early(self, now: float) -> None:
+        """As the pool: decide now, or once at the end of the gap after the last decision."""
         gap = self.config.early_decision_gap_s
-        if gap is not None and (self.last_decision_at is None or now - self.last_decision_at >= gap):
+        if gap is None:
+            return
+        if self.last_decision_at is None or now >= self.last_decision_at + gap:
             self.on_tick(now, early=True)
+        elif not self.early_pending:
+            self.early_pending = True
+            self.push(self.last_decision_at + gap, _EARLY, 0)
 
 
 def simulate(trace: LoadTrace, config: SimulationConfig | None = None) -> SimulationResult:
@@ -492,6 +499,10 @@ def simulate(trace: LoadTrace, config: SimulationConfig | None = None) -> Simula
                 sim.dispatch(now)
         elif kind == _FINISH:
             sim.on_finish(now, ref)
+        elif kind == _EARLY:
+            sim.early_pending = False
+            sim.maybe_decide_early(now)
+            sim.dispatch(now)
         elif kind == _ARRIVAL:
             task = sim.tasks[ref]
             sim.predictor.record_arrival(now, task.kind.name)

@@ -368,7 +368,15 @@ class Supervisor:
             slot += 1
         return slot
 
-    def _spawn_child(self, short_only: bool = False) -> ChildHandle | None:
+    def _spawn_children(self, count: int, short_only: bool = False) -> None:
+        """Start ``count`` children, waking the I/O thread once for all of them: woken after
+        each fork, it takes the GIL and every further fork waits for it (~5 ms each)."""
+        for _ in range(count):
+            self._spawn_child(short_only, wake_io=False)
+        if count:
+            self._wake_io()
+
+    def _spawn_child(self, short_only: bool = False, wake_io: bool = True) -> ChildHandle | None:
         slot = self._free_slot()
         spec = self._spec_for_slot(slot)
         self.hooks.before_create_process()
@@ -395,7 +403,8 @@ class Supervisor:
         with self._watch_lock:
             self._watched_conns[parent_conn] = child.child_id
             self._watched_sentinels[process.sentinel] = child.child_id
-        self._wake_io()
+        if wake_io:
+            self._wake_io()
         self.counters["children_started"] += 1
         logger.debug("Started child pid=%s slot=%s cpu=%s", child.pid, slot, spec.cpu)
         return child
@@ -433,8 +442,7 @@ class Supervisor:
                 )
             self._respawn_timer = self._call_later(delay, self._respawn_now, "respawn")
             return
-        for _ in range(missing):
-            self._spawn_child()
+        self._spawn_children(missing)
 
     def _maintain_lanes(self) -> None:
         if not self.short_lanes:
@@ -448,8 +456,7 @@ class Supervisor:
             for child in self._drain_candidates(lanes)[: len(lanes) - wanted]:
                 self._drain(child, "no long tasks lately")
         elif len(lanes) < wanted and not self._start_failures:
-            for _ in range(wanted - len(lanes)):
-                self._spawn_child(short_only=True)
+            self._spawn_children(wanted - len(lanes), short_only=True)
 
     def _periodic(self) -> None:
         """Housekeeping once a second (lanes come and go with long tasks)."""

@@ -259,20 +259,22 @@ def test_a_burst_after_idle_is_seen_from_its_first_arrivals() -> None:
     assert p.forecast(20.5, 0, 2.0).burst_rate == 0.0
 
 
-def test_a_steady_poisson_load_does_not_read_as_bursts() -> None:
+@pytest.mark.parametrize("rate", [10.0, 40.0, 200.0])
+def test_a_steady_poisson_load_does_not_read_as_bursts(rate: float) -> None:
+    # Checked at every arrival, as the pool does: a false burst grows the pool for nothing.
     import random
 
     rng = random.Random(7)
     p = Predictor()
     t, fired, checks = 0.0, 0, 0
     while t < 300.0:
-        t += rng.expovariate(40.0)
+        t += rng.expovariate(rate)
         p.record_arrival(t, "t")
         if t > 10.0:  # once the level has learned the rate
             checks += 1
             fired += p.forecast(t, 0, 2.0).burst_rate > 0
-    assert checks > 10_000
-    assert fired / checks < 0.005
+    assert checks > 2_500
+    assert fired / checks < 0.0005
 
 
 def test_a_jump_in_rate_is_seen_before_the_window_closes() -> None:

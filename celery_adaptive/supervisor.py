@@ -160,6 +160,7 @@ class Supervisor:
         self._stopped = False
         self._hub: Any = None
         self._threaded = True  # until a hub is attached, the I/O thread processes events itself
+        self._spawn_pending = False  # a `_continue_spawning` is scheduled
         self._start_failures = 0
         self._respawn_timer: Deadline | None = None
         self._steal_timer: Deadline | None = None
@@ -369,12 +370,29 @@ class Supervisor:
         return slot
 
     def _spawn_children(self, count: int, short_only: bool = False) -> None:
-        """Start ``count`` children, waking the I/O thread once for all of them: woken after
-        each fork, it takes the GIL and every further fork waits for it (~5 ms each)."""
+        """Start ``count`` children.
+
+        On Celery's event loop, one per loop turn: a fork takes the loop ~5-10 ms while the
+        children already forked compete for the CPUs, and a child that is ready should take a
+        task then, not after the last of a burst's forks (a later `_maintain` starts the next).
+        Without the loop, all at once, waking the I/O thread once for all of them.
+        """
+        if count <= 0:
+            return
+        if not self._threaded and count > 1:
+            self._spawn_child(short_only)
+            if not self._spawn_pending:
+                self._spawn_pending = True
+                self.call_later(0.0, self._continue_spawning, "spawn")
+            return
         for _ in range(count):
             self._spawn_child(short_only, wake_io=False)
-        if count:
-            self._wake_io()
+        self._wake_io()
+
+    def _continue_spawning(self) -> None:
+        self._spawn_pending = False
+        self._dispatch()  # children that became ready meanwhile take work before the next fork
+        self._maintain()
 
     def _spawn_child(self, short_only: bool = False, wake_io: bool = True) -> ChildHandle | None:
         slot = self._free_slot()

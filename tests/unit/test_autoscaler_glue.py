@@ -41,3 +41,13 @@ def test_a_running_task_keeps_the_normal_pace_even_with_no_arrivals() -> None:
     scaler, _ = make(running={"slow": 30.0})
     scaler.tick(100.0)
     assert scaler.next_tick_in() == scaler.settings.control_interval
+
+
+def test_an_arrival_inside_the_gap_is_decided_at_its_end_not_dropped() -> None:
+    from celery_adaptive.autoscaler import EARLY_DECISION_GAP_S
+
+    scaler, _ = make()
+    assert scaler.early_decision_at(50.0) == 50.0  # nothing decided yet: at once
+    scaler.tick(100.0)
+    assert scaler.early_decision_at(100.0 + EARLY_DECISION_GAP_S / 2) == 100.0 + EARLY_DECISION_GAP_S
+    assert scaler.early_decision_at(100.0 + 2 * EARLY_DECISION_GAP_S) == 100.0 + 2 * EARLY_DECISION_GAP_S

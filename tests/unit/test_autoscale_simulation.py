@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import itertools
 import math
 import statistics
 
@@ -297,7 +298,7 @@ def test_every_arrival_is_decided_on_within_the_early_gap() -> None:
     assert gap is not None
     decided = sorted(t.at for t in result.ticks)
     early = [t.at for t in result.ticks if t.early]
-    assert all(b - a >= gap - 1e-9 for a, b in zip(early, early[1:]))
+    assert all(b - a >= gap - 1e-9 for a, b in itertools.pairwise(early))
     for task in result.tasks[::7]:
         i = bisect.bisect_left(decided, task.arrived)
         assert i < len(decided) and decided[i] <= task.arrived + gap + 1e-9, task

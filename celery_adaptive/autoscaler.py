@@ -229,7 +229,7 @@ class AdaptiveAutoscaler:
 
     def early_decision_at(self, now: float) -> float:
         """When an arrival may trigger a decision: ``now``, or ``EARLY_DECISION_GAP_S`` after
-        the last one. A decision costs ~20 us, so the gap only bounds the cost under a flood
+        the last one. A decision costs ~15-25 us, so the gap only bounds the cost under a flood
         (at most 100 per second); an arrival inside it gets a decision at its end, never none:
         the arrivals of a burst's first few milliseconds are its evidence."""
         if self.last_decision is None:

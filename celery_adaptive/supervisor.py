@@ -375,7 +375,7 @@ class Supervisor:
         On Celery's event loop, one per loop turn: a fork takes the loop ~5-10 ms while the
         children already forked compete for the CPUs, and a child that is ready should take a
         task then, not after the last of a burst's forks (a later `_maintain` starts the next).
-        Without the loop, all at once, waking the I/O thread once for all of them.
+        Without the loop, all at once.
         """
         if count <= 0:
             return
@@ -386,15 +386,14 @@ class Supervisor:
                 self.call_later(0.0, self._continue_spawning, "spawn")
             return
         for _ in range(count):
-            self._spawn_child(short_only, wake_io=False)
-        self._wake_io()
+            self._spawn_child(short_only)
 
     def _continue_spawning(self) -> None:
         self._spawn_pending = False
         self._dispatch()  # children that became ready meanwhile take work before the next fork
         self._maintain()
 
-    def _spawn_child(self, short_only: bool = False, wake_io: bool = True) -> ChildHandle | None:
+    def _spawn_child(self, short_only: bool = False) -> ChildHandle | None:
         slot = self._free_slot()
         spec = self._spec_for_slot(slot)
         self.hooks.before_create_process()
@@ -421,8 +420,7 @@ class Supervisor:
         with self._watch_lock:
             self._watched_conns[parent_conn] = child.child_id
             self._watched_sentinels[process.sentinel] = child.child_id
-        if wake_io:
-            self._wake_io()
+        self._wake_io()
         self.counters["children_started"] += 1
         logger.debug("Started child pid=%s slot=%s cpu=%s", child.pid, slot, spec.cpu)
         return child

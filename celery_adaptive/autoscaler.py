@@ -185,12 +185,15 @@ class AdaptiveAutoscaler:
             # Draining is safe (no busy child is killed), so the pool may shed half of its
             # maximum per decision once demand has been lower for the whole window: between
             # bursts, every second at full size is paid for in idle processes.
-            max_step_down=max(1, settings.max_children // 2),
+            # Of the maximum in force: `--autoscale MAX,MIN` and the autoscale remote control
+            # set the bounds after this is built.
+            step_down_share=0.5,
             # The backlog is cleared within a control interval. Within the target wait was
             # tried: it reacted to every momentary queue of a steady load, and the window kept
             # those peaks (more children for nothing). A burst's start is caught by the
             # predictor's burst rate instead.
             drain_s=max(settings.control_interval, 0.5),
+            max_utilization=settings.max_utilization,
         )
         self._resize_to = resize_to
         self._current = current

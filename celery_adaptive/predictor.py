@@ -62,6 +62,11 @@ class Forecast:
     burst_rate: float = 0.0
     """Tasks/s implied by the last moments' arrivals when they are improbably many for the
     smoothed forecast (a burst has begun), else 0. ``predicted_rate`` is at least this."""
+    current_rate: float = 0.0
+    """Tasks/s now: the level moved by the trend to this instant (not ``horizon_s`` ahead)."""
+    quiet_s: float = 0.0
+    """Seconds since the last arrival when that silence is improbably long for the smoothed
+    forecast (the load has stopped), else 0. ``predicted_rate`` is then 0."""
 
 
 def poisson_tail(k: int, mean: float) -> float:
@@ -230,11 +235,16 @@ class Predictor:
         assert self._window is not None
         # A window's count measures the rate at its middle, so the level is already this old.
         age = now - (self._window * self.window_s - self.window_s / 2)
-        burst = self._burst_rate(now, max(0.0, self._level + trend_per_s * age))
+        rate_now = max(0.0, self._level + trend_per_s * age)
+        burst = self._burst_rate(now, rate_now)
+        predicted = max(burst, self._level + trend_per_s * (age + horizon_s))
+        quiet = self._quiet_for(now, rate_now)
         return Forecast(
             at=now,
             arrival_rate=self._level,
-            predicted_rate=max(burst, self._level + trend_per_s * (age + horizon_s)),
+            predicted_rate=0.0 if quiet else predicted,
+            current_rate=0.0 if quiet else rate_now,
+            quiet_s=quiet,
             trend=trend_per_s,
             service_time=self._mix_service_time(running or {}),
             backlog=backlog,
@@ -261,6 +271,25 @@ class Predictor:
             return 0.0
         span = max(now - recent[0], self.burst_lookback_s / 4)
         return k / span
+
+    def _quiet_for(self, now: float, expected_rate: float) -> float:
+        """Seconds since the last arrival if none in that time is improbable, else 0.
+
+        The mirror of the burst test: the level lags a burst's end as it lags its start (a
+        second's window of 30 arrivals decays over several seconds), and children kept for load
+        that has stopped are paid for in idle process-seconds. No arrival for ``q`` seconds has
+        probability exp(-rate * q) under the forecast; below ``burst_significance``, and at least
+        a window long, the load has stopped. A steady Poisson load leaves such a gap about once
+        per 1/significance arrivals, and the scale-down window absorbs a stray one.
+        """
+        if not self._recent or expected_rate <= 0.0:
+            return 0.0
+        silent = now - self._recent[-1]
+        # At least a whole window: arrivals that come in batches (a beat schedule, a producer
+        # that flushes) leave gaps within a window that its count already averages over.
+        if silent < self.window_s or expected_rate * silent < -math.log(self.burst_significance):
+            return 0.0
+        return silent
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_max_children": None,
     "adaptive_autoscale": False,
     "adaptive_target_wait": 0.2,
+    "adaptive_max_utilization": 0.5,
     "adaptive_control_interval": 1.0,
     "adaptive_stabilization_window": 3.0,
     "adaptive_child_start_timeout": 60.0,
@@ -51,6 +52,7 @@ DESCRIPTIONS: dict[str, str] = {
     "adaptive_max_children": "autoscaler maximum (default: --autoscale max, else -c)",
     "adaptive_autoscale": "let the predictive autoscaler size the pool",
     "adaptive_target_wait": "seconds of queue wait the autoscaler aims to stay under",
+    "adaptive_max_utilization": "busiest share of its time the forecast may give each child, in (0, 1]",
     "adaptive_control_interval": "seconds between autoscaler decisions",
     "adaptive_stabilization_window": "seconds of lower demand before the pool shrinks",
     "adaptive_child_start_timeout": "seconds a new child may take to report ready",
@@ -96,6 +98,7 @@ class PoolSettings:
     metrics_ttl: float
     metrics_stream_length: int
     metrics_prometheus_port: int | None = None
+    max_utilization: float = 0.5
     metrics_prometheus_address: str = "0.0.0.0"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -128,6 +131,16 @@ def _float(name: str, value: Any, positive: bool = True, allow_none: bool = Fals
         raise SettingsError(name, value, "must be > 0")
     if number < 0:
         raise SettingsError(name, value, "must be >= 0")
+    return number
+
+
+def _utilization(name: str, value: Any) -> float:
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 < number <= 1:  # also rejects NaN
+        raise SettingsError(name, value, "must be a fraction in (0, 1]")
     return number
 
 
@@ -232,6 +245,7 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
         long_task_threshold=_float("adaptive_long_task_threshold", _conf(conf, "adaptive_long_task_threshold")) or 0.1,
         short_task_reserve=_int("adaptive_short_task_reserve", _conf(conf, "adaptive_short_task_reserve"), 0) or 0,
         target_wait=_float("adaptive_target_wait", _conf(conf, "adaptive_target_wait")) or 0.2,
+        max_utilization=_utilization("adaptive_max_utilization", _conf(conf, "adaptive_max_utilization")),
         control_interval=_float("adaptive_control_interval", _conf(conf, "adaptive_control_interval")) or 1.0,
         stabilization_window=_float(
             "adaptive_stabilization_window", _conf(conf, "adaptive_stabilization_window"), positive=False

@@ -31,7 +31,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from celery_adaptive.controller import Controller, ScalingDecision, children_needed
+from celery_adaptive.controller import (
+    Controller,
+    ScalingDecision,
+    children_needed,
+    utilization_floor,
+)
 from celery_adaptive.predictor import Forecast, Predictor
 
 __all__ = [
@@ -157,6 +162,8 @@ class SimulationConfig:
     max_step_up: int | None = None
     max_step_down: int = 1
     drain_s: float = 1.0
+    max_utilization: float = 0.5
+    """As the pool's default ``adaptive_max_utilization``."""
     control_interval_s: float = 1.0
     early_decision_gap_s: float | None = 0.01
     """Like the pool, also decide on an arrival (or at the end of this gap after the last
@@ -443,7 +450,10 @@ class _Sim:
         elif decision.target < len(active):
             self.retire(now, len(active) - decision.target)
         true_rate = self.trace.rate_at(now)
-        need = children_needed(true_rate, config.mean_service_s, config.target_wait_s)
+        need = max(
+            children_needed(true_rate, config.mean_service_s, config.target_wait_s),
+            utilization_floor(true_rate, config.mean_service_s, config.max_utilization),
+        )
         self.ticks.append(
             Tick(
                 now, true_rate, need, len(self.queue), ready, len(self.active()), forecast, decision,
@@ -479,6 +489,7 @@ def simulate(trace: LoadTrace, config: SimulationConfig | None = None) -> Simula
             max_step_up=config.max_step_up,
             max_step_down=config.max_step_down,
             drain_s=config.drain_s,
+            max_utilization=config.max_utilization,
         ),
         weights=[k.weight for k in config.tasks],
     )

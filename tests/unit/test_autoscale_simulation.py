@@ -220,7 +220,7 @@ def test_steady_load_meets_the_target_without_waste() -> None:
     assert statistics.mean(result.waits()) <= config.target_wait_s / 4
     settled = [t for t in result.ticks if 5.0 <= t.at < 120.0]
     need = settled[0].need
-    assert need == 3  # 40/s x 50 ms = 2 erlangs
+    assert need == 4  # 40/s x 50 ms = 2 erlangs; 4 children keep each under 50% busy
     assert all(need <= t.children <= need + 2 for t in settled)
 
 

@@ -51,3 +51,19 @@ def test_an_arrival_inside_the_gap_is_decided_at_its_end_not_dropped() -> None:
     scaler.tick(100.0)
     assert scaler.early_decision_at(100.0 + EARLY_DECISION_GAP_S / 2) == 100.0 + EARLY_DECISION_GAP_S
     assert scaler.early_decision_at(100.0 + 2 * EARLY_DECISION_GAP_S) == 100.0 + 2 * EARLY_DECISION_GAP_S
+
+
+def test_scale_down_steps_are_half_of_the_maximum_in_force() -> None:
+    # `--autoscale 8,1` sets the bounds after the autoscaler is built (from settings whose
+    # maximum may be the -c default): the step must follow the bounds, not those settings.
+    settings = build_settings({"adaptive_min_children": 1, "adaptive_max_children": 2}, {})
+    sizes = [8]
+    scaler = AdaptiveAutoscaler(
+        settings, resize_to=lambda target, reason: sizes.append(target),
+        current=lambda: sizes[-1], pool_backlog=lambda: 0,
+    )
+    scaler.set_bounds(1, 8, 0.0)
+    window = scaler.settings.stabilization_window
+    decision = scaler.tick(100.0)
+    decision = scaler.tick(100.0 + window + 1.0)
+    assert decision.direction == "down" and decision.target == 4, decision

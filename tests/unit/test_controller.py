@@ -381,3 +381,25 @@ def test_decisions_stay_in_bounds_respect_steps_and_never_shrink_right_after_gro
             assert now - last_up >= stabilization
         assert d.reason.startswith(f"{d.direction} {current}")
         current = d.target
+
+
+# -- utilization floor -------------------------------------------------------------------------
+def test_children_are_kept_under_the_utilization_ceiling_while_load_lasts() -> None:
+    # One child busy 60% of the time meets a 200 ms mean wait with 10 ms tasks (Erlang C says
+    # 1), but its slowest tasks wait ~100 ms; at most 50% busy each takes 2.
+    assert children_needed(60.0, 0.01, 0.2) == 1
+    loaded = dataclasses.replace(forecast(60.0, 0.01), current_rate=60.0)
+    capped = Controller(min_children=1, max_children=8, max_utilization=0.5)
+    assert capped.decide(0.0, loaded, 1).target == 2
+    assert "under 50% busy" in capped.decide(0.1, loaded, 2).reason
+    uncapped = Controller(min_children=1, max_children=8)
+    assert uncapped.decide(0.0, loaded, 1).target == 1
+    # Once the load has stopped (a silence improbable for the forecast) there is no floor.
+    stopped = dataclasses.replace(loaded, predicted_rate=0.0, quiet_s=1.5)
+    assert capped.decide(0.2, stopped, 2).desired == 1
+
+
+@pytest.mark.parametrize("share", [0.0, 1.5, math.nan])
+def test_a_utilization_ceiling_outside_0_1_is_refused(share: float) -> None:
+    with pytest.raises(ValueError, match="max_utilization"):
+        Controller(min_children=1, max_children=8, max_utilization=share)

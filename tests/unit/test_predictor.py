@@ -301,3 +301,35 @@ def test_the_broker_part_of_the_backlog_is_carried_and_checked() -> None:
     assert p.forecast(1.0, 10, 2.0, broker_backlog=4).broker_backlog == 4
     with pytest.raises(ValueError, match="broker_backlog"):
         p.forecast(1.0, 3, 2.0, broker_backlog=4)
+
+
+def test_the_end_of_a_burst_is_seen_from_its_silence() -> None:
+    # After 32 arrivals in half a second, Holt's level decays over several seconds; a silence
+    # improbable for it (and at least a window long) means the load has stopped.
+    p = Predictor()
+    for i in range(32):
+        p.record_arrival(10.0 + i / 64, "io")
+    assert p.forecast(10.6, 0, 2.0).quiet_s == 0.0  # shorter than a window
+    f = p.forecast(11.7, 0, 2.0)
+    assert f.arrival_rate > 5.0  # the level still remembers the burst
+    assert f.quiet_s == pytest.approx(11.7 - (10.0 + 31 / 64))
+    assert f.predicted_rate == 0.0 and f.current_rate == 0.0
+    p.record_arrival(11.8, "io")  # any arrival ends the silence
+    assert p.forecast(11.8, 0, 2.0).quiet_s == 0.0
+
+
+@pytest.mark.parametrize("rate", [5.0, 40.0])
+def test_a_steady_poisson_load_is_never_read_as_stopped(rate: float) -> None:
+    import random
+
+    rng = random.Random(11)
+    p = Predictor()
+    t, quiet = 0.0, 0
+    while t < 300.0:
+        gap = rng.expovariate(rate)
+        # Check in the middle of every gap too, where a silence is longest so far.
+        if t > 10.0:
+            quiet += p.forecast(t + gap * 0.99, 0, 2.0).quiet_s > 0
+        t += gap
+        p.record_arrival(t, "t")
+    assert quiet == 0

@@ -4,6 +4,7 @@ Data flow::
 
     Forecast(predicted_rate λ, service_time S, backlog Q)
         └─► children_needed: smallest c with Erlang-C wait <= target, for λ_eff = λ + Q/D
+              ├─► at least ceil(λ_now·S / max_utilization) while load lasts (utilization_floor)
               └─► desired = clamp(needed, min_children, max_children)
                     ├─► up:   desired > current        -> at once, at most max_step_up more
                     ├─► down: max(desired over the last stabilization_s) < current
@@ -30,6 +31,11 @@ The sizing formula (M/M/c with a backlog term):
   pool grows to catch up within the target.
 * ``needed`` is the smallest c with ``Wq(c; λ_eff, S) <= W`` (W = ``target_wait_s``); 0 when
   there is no load at all.
+* And at least enough children to keep each at most ``max_utilization`` busy at the rate now
+  (``Forecast.current_rate``): the mean wait is a weak guide to the tail (one child 70% busy
+  with 10 ms tasks meets a 200 ms mean wait while its slowest 1% wait ~100 ms), and the model
+  misses clumps and the CPU contention of a busy host. Not when the load has stopped
+  (``Forecast.quiet_s``).
 
 Scale-down follows Kubernetes' HPA: the controller remembers each desired size for
 ``stabilization_s`` and shrinks only to the largest of them, so the pool gets smaller only after

@@ -157,11 +157,15 @@ def children_needed(
     return servers
 
 
+def _check_utilization(max_utilization: float) -> None:
+    if not 0 < max_utilization <= 1:  # also refuses NaN
+        raise ValueError(f"invalid max_utilization={max_utilization!r}: must be in (0, 1]")
+
+
 def utilization_floor(arrival_rate: float, service_time: float, max_utilization: float) -> int:
     """Fewest children that keep each at most ``max_utilization`` busy (0 with no load)."""
     _check_rate_and_time(arrival_rate, service_time)
-    if not 0 < max_utilization <= 1:
-        raise ValueError(f"invalid max_utilization={max_utilization!r}: must be in (0, 1]")
+    _check_utilization(max_utilization)
     return max(0, math.ceil(arrival_rate * service_time / max_utilization - 1e-9))
 
 
@@ -223,8 +227,7 @@ class Controller:
         self.max_step_down = max_step_down
         # With a share, the step follows the maximum (set_bounds may change it at run time).
         self.step_down_share = step_down_share
-        if not 0 < max_utilization <= 1:
-            raise ValueError(f"invalid max_utilization={max_utilization!r}: must be in (0, 1]")
+        _check_utilization(max_utilization)
         self.drain_s = drain_s
         self.max_utilization = max_utilization
         # Desired sizes of the stabilization window as a monotonic deque (values strictly

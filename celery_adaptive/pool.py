@@ -22,7 +22,13 @@ from celery_adaptive.metrics import start_for_pool as start_metrics
 from celery_adaptive.metrics.service import MetricsService
 from celery_adaptive.scheduler import Scheduler
 from celery_adaptive.settings import PoolSettings, build_settings
-from celery_adaptive.supervisor import ChildState, Supervisor, SupervisorHooks, pids
+from celery_adaptive.supervisor import (
+    ChildState,
+    ProcessLauncher,
+    Supervisor,
+    SupervisorHooks,
+    pids,
+)
 
 logger = logging.getLogger("celery_adaptive")
 
@@ -144,9 +150,6 @@ class Pool(BasePool):
                 task_modules=task_modules,
             )
 
-        def process_factory(conn: Any, spec: ChildSpec) -> Any:
-            return ctx.Process(target=child_main, args=(conn, spec), daemon=True)
-
         hooks = SupervisorHooks(
             before_create_process=lambda: signals.worker_before_create_process.send(sender=self),
             on_job_done=self._on_job_done,
@@ -163,9 +166,9 @@ class Pool(BasePool):
             vnodes=160,
             balanced_keys=True,
         )
+        launcher = ProcessLauncher(ctx, child_main, settings.max_message_bytes)
         return Supervisor(
-            settings, spec_for_slot, process_factory, lambda: ctx.Pipe(duplex=True), scheduler, hooks,
-            short_lanes=settings.short_task_reserve,
+            settings, spec_for_slot, launcher, scheduler, hooks, short_lanes=settings.short_task_reserve,
         )
 
     def _on_job_done(self, job: Job, runtime: float | None) -> None:
@@ -470,7 +473,7 @@ class Pool(BasePool):
                         "slot": c.slot,
                         "state": c.state.value,
                         "tasks": c.tasks_done,
-                        "lane": c.short_only,
+                        "lane": c.lane,
                     }
                     for c in children
                     if c.state is not ChildState.DEAD

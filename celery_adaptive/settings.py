@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_control_interval": 1.0,
     "adaptive_stabilization_window": 3.0,
     "adaptive_child_start_timeout": 60.0,
+    "adaptive_max_message_bytes": 256 * 1024 * 1024,
     "adaptive_metrics_enabled": True,
     "adaptive_metrics_interval": 2.0,
     "adaptive_metrics_redis_url": None,
@@ -56,6 +57,7 @@ DESCRIPTIONS: dict[str, str] = {
     "adaptive_control_interval": "seconds between autoscaler decisions",
     "adaptive_stabilization_window": "seconds of lower demand before the pool shrinks",
     "adaptive_child_start_timeout": "seconds a new child may take to report ready",
+    "adaptive_max_message_bytes": "largest message a child may send (a task's pickled result); a child over it is replaced",
     "adaptive_metrics_enabled": "publish metrics (events, Redis)",
     "adaptive_metrics_interval": "seconds between metric snapshots",
     "adaptive_metrics_redis_url": "Redis for metrics (default: the broker, when it is Redis)",
@@ -100,6 +102,7 @@ class PoolSettings:
     metrics_prometheus_port: int | None = None
     max_utilization: float = 0.5
     metrics_prometheus_address: str = "0.0.0.0"
+    max_message_bytes: int = 256 * 1024 * 1024
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -261,6 +264,9 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
             "adaptive_metrics_prometheus_port", _conf(conf, "adaptive_metrics_prometheus_port"), 1, allow_none=True
         ),
         metrics_prometheus_address=str(_conf(conf, "adaptive_metrics_prometheus_address")),
+        max_message_bytes=_int(
+            "adaptive_max_message_bytes", _conf(conf, "adaptive_max_message_bytes"), 1024
+        ) or DEFAULTS["adaptive_max_message_bytes"],
     )
 
 

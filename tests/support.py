@@ -177,7 +177,7 @@ def start_worker_process(
     cmd = [
         sys.executable, "-m", "celery", "-A", "tests.apps.proj", "worker", *pool_arg,
         "-Q", broker.queue, "-n", hostname, "--without-gossip", "--without-mingle",
-        "-l", "info", *args,
+        "-l", os.environ.get("TEST_WORKER_LOGLEVEL", "info"), *args,
     ]
     with open(logfile, "wb") as out:
         popen = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,

@@ -266,3 +266,31 @@ def record(token: str, seconds: float = 0.0) -> int:
         time.sleep(seconds)
     note("done")
     return os.getpid()
+
+
+@app.task
+def stop_self() -> None:
+    """Freeze this pool child mid-task (as a debugger, a cgroup freezer or SIGSTOP would)."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+@app.task
+def half_frame(seconds: float = 60.0) -> None:
+    """Write the first half of a frame into this child's result pipe, then hang: what a C
+    extension scribbling on an inherited descriptor looks like to the parent."""
+    import gc
+    import struct
+
+    from billiard.connection import Connection
+
+    writers = [o for o in gc.get_objects()
+               if isinstance(o, Connection) and o.writable and not o.readable and not o.closed]
+    written = 0
+    for conn in writers:
+        try:  # the parent's ends of other pipes, copied by fork, are closed in a child
+            os.write(conn.fileno(), struct.pack("!i", 4096) + b"half")
+            written += 1
+        except OSError:
+            pass
+    assert written == 1, f"expected exactly this child's result pipe, wrote to {written}"
+    time.sleep(seconds)

@@ -21,7 +21,7 @@ from celery_adaptive.jobs import Job
 from celery_adaptive.metrics import start_for_pool as start_metrics
 from celery_adaptive.metrics.service import MetricsService
 from celery_adaptive.scheduler import Scheduler
-from celery_adaptive.settings import PoolSettings, build_settings
+from celery_adaptive.settings import PoolSettings, build_settings, unhonoured_settings
 from celery_adaptive.supervisor import ChildState, Supervisor, SupervisorHooks, pids
 
 logger = logging.getLogger("celery_adaptive")
@@ -105,8 +105,11 @@ class Pool(BasePool):
                 "max_memory_per_child": options.get("max_memory_per_child"),
                 "soft_timeout": options.get("soft_timeout"),
                 "timeout": options.get("timeout"),
+                "lost_worker_timeout": options.get("lost_worker_timeout"),
             },
         )
+        for warning in unhonoured_settings(self.app.conf, options):
+            logger.warning("%s", warning)
         self._initargs: tuple[Any, ...] = tuple(options.get("initargs") or (self.app, None))
         self.supervisor: Supervisor | None = None
         self.autoscaler: AdaptiveAutoscaler | None = None

@@ -185,3 +185,18 @@ def test_first_children_get_the_start_timeout_too(worker_factory, broker, tmp_pa
     assert broker.send("add", 2, 2).get(timeout=40) == 4
     assert (tmp_path / "hung").exists()
     assert "did not report ready in 1s" in worker.log()
+
+
+@pytest.mark.parametrize("pool_arg", POOLS)
+def test_auto_concurrency_sizes_the_pool_as_prefork(worker_factory, broker, pool_arg):
+    """-c auto (Celery 5.7): allowed CPUs capped by the cgroup CPU quota, for both pools (the
+    quota arithmetic itself is tested on fake cgroup trees in tests/unit/test_cpuquota.py)."""
+    sysinfo = pytest.importorskip("celery.utils.sysinfo")
+    if not hasattr(sysinfo, "cpu_budget"):
+        pytest.skip("this Celery has no 'auto' concurrency (added in 5.7)")
+    expected = sysinfo.cpu_budget(use_cgroup_quota=True).count
+    worker = worker_factory("-c", "auto", pool_arg=pool_arg)
+    assert len(worker.pool_info()["processes"]) == expected
+    pool_name = "celery_adaptive:Pool" if POOL in pool_arg else "prefork"
+    wait_until(lambda: f"worker_concurrency='auto' resolved to {expected} (pool={pool_name}"
+               in worker.log(), message="the resolution to be logged")

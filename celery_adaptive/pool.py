@@ -17,6 +17,7 @@ from celery.concurrency.base import BasePool
 from celery_adaptive import cpuquota, placement
 from celery_adaptive.autoscaler import AdaptiveAutoscaler, BacklogProbe, CeleryAutoscalerBridge
 from celery_adaptive.child import ChildSpec, child_main, warm_up_parent
+from celery_adaptive.djangofork import ForkHygiene
 from celery_adaptive.jobs import Job
 from celery_adaptive.metrics import start_for_pool as start_metrics
 from celery_adaptive.metrics.service import MetricsService
@@ -193,8 +194,15 @@ class Pool(BasePool):
         def process_factory(conn: Any, spec: ChildSpec) -> Any:
             return ctx.Process(target=child_main, args=(conn, spec), daemon=True)
 
+        fork_hygiene = ForkHygiene(self.app)
+
+        def before_create_process() -> None:
+            if settings.start_method == "fork":
+                fork_hygiene.before_fork()
+            signals.worker_before_create_process.send(sender=self)
+
         hooks = SupervisorHooks(
-            before_create_process=lambda: signals.worker_before_create_process.send(sender=self),
+            before_create_process=before_create_process,
             on_job_done=self._on_job_done,
         )
         scheduler = Scheduler(

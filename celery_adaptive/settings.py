@@ -332,13 +332,15 @@ NOT_HONOURED: tuple[NotHonoured, ...] = (
     ),
 )
 
-#: ``-O`` (the pool option ``sched_strategy``) values prefork gives a meaning this pool has not.
+#: Worker ``optimization`` values (the pool option ``sched_strategy``; the CLI's ``-O`` accepts
+#: only default and fair, both prefork's fair scheduling) that prefork gives a meaning this pool
+#: has not: write each task to a child even while it is busy.
 _PREFORK_ONLY_STRATEGIES = ("fast", "fcfs")
 
 
 def unhonoured_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) -> list[str]:
     """One warning for each setting in `NOT_HONOURED` that ``conf`` sets to a non-default
-    value, and for a ``-O`` prefork's scheduler has and this pool's has not."""
+    value, and for a worker ``optimization`` prefork's scheduler has and this pool's has not."""
     warnings = []
     for item in NOT_HONOURED:
         value = _celery_conf(conf, item.name, item.default)
@@ -347,7 +349,7 @@ def unhonoured_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any
     strategy = options.get("sched_strategy")
     if isinstance(strategy, str) and strategy.lower() in _PREFORK_ONLY_STRATEGIES:
         warnings.append(
-            f"-O {strategy} is not used by celery_adaptive:Pool: its scheduler hands a task to a "
+            f"optimization={strategy!r} is not used by celery_adaptive:Pool: its scheduler hands a task to a "
             "child that can start it; adaptive_dispatch_window sets how many tasks a child may hold"
         )
     return warnings

@@ -315,3 +315,10 @@ def _hang_first_child(**_: Any) -> None:
     except FileExistsError:
         return
     time.sleep(300)
+
+
+from celery.worker.autoscale import Autoscaler  # noqa: E402
+
+
+class CustomAutoscaler(Autoscaler):
+    """A user's own autoscaler class (worker_autoscaler), which this pool does not use."""

@@ -200,3 +200,12 @@ def test_auto_concurrency_sizes_the_pool_as_prefork(worker_factory, broker, pool
     pool_name = "celery_adaptive:Pool" if POOL in pool_arg else "prefork"
     wait_until(lambda: f"worker_concurrency='auto' resolved to {expected} (pool={pool_name}"
                in worker.log(), message="the resolution to be logged")
+
+
+def test_settings_the_pool_does_not_honour_are_named_at_start(worker_factory, broker):
+    """Prefork-honoured settings this pool does not use get a startup warning naming them."""
+    worker = worker_factory("--autoscale", "2,1",
+                            env=_conf(worker_autoscaler="tests.apps.proj:CustomAutoscaler"))
+    assert broker.send("add", 1, 2).get(timeout=30) == 3
+    log = worker.log()
+    assert "worker_autoscaler='tests.apps.proj:CustomAutoscaler' is not used by celery_adaptive:Pool" in log

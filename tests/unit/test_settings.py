@@ -100,7 +100,7 @@ def test_unhonoured_settings_are_named_only_when_changed():
     assert warning.startswith("worker_autoscaler='proj.scaling:MyAutoscaler' is not used")
     app.conf.worker_autoscaler = "celery.worker.autoscale:Autoscaler"
     (warning,) = unhonoured_settings(app.conf, {"sched_strategy": "fast"})
-    assert warning.startswith("-O fast is not used")
+    assert warning.startswith("optimization='fast' is not used")
 
 
 def test_every_unhonoured_default_is_celerys():

@@ -37,8 +37,19 @@ def _queued_ids(broker: Broker) -> list[str]:
 
 
 def _held_ids(broker: Broker) -> list[str]:
-    """Task ids in kombu's ``unacked`` hash: delivered to a worker and not yet acked."""
-    return [json.loads(raw)[0]["headers"]["id"] for raw in broker.redis.hvals("unacked")]
+    """Task ids of this test's queue in kombu's ``unacked`` hash: delivered to a worker and
+    not yet acked. The hash is shared by every queue of the Redis database, so other tests'
+    entries (and malformed ones) are left out."""
+    ids = []
+    for raw in broker.redis.hvals("unacked"):
+        try:
+            message, _exchange, routing_key = json.loads(raw)
+            task_id = message["headers"]["id"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if routing_key == broker.queue:
+            ids.append(task_id)
+    return ids
 
 
 def _state(broker: Broker, task_id: str) -> tuple[str, object]:

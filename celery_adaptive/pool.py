@@ -14,14 +14,15 @@ from typing import Any
 from celery import bootsteps, signals
 from celery.concurrency.base import BasePool
 
-from celery_adaptive import placement
+from celery_adaptive import cpuquota, placement
 from celery_adaptive.autoscaler import AdaptiveAutoscaler, BacklogProbe, CeleryAutoscalerBridge
 from celery_adaptive.child import ChildSpec, child_main, warm_up_parent
+from celery_adaptive.djangofork import ForkHygiene
 from celery_adaptive.jobs import Job
 from celery_adaptive.metrics import start_for_pool as start_metrics
 from celery_adaptive.metrics.service import MetricsService
 from celery_adaptive.scheduler import Scheduler
-from celery_adaptive.settings import PoolSettings, build_settings
+from celery_adaptive.settings import PoolSettings, build_settings, unhonoured_settings
 from celery_adaptive.supervisor import (
     ChildState,
     ProcessLauncher,
@@ -72,6 +73,41 @@ def _run_ready_ack_callbacks(hub: Any) -> None:
             hub.on_callback_error(callback, exc)
 
 
+def _is_this_pool(pool_cls: Any) -> bool:
+    if isinstance(pool_cls, str):
+        return pool_cls.replace(".pool:", ":") == "celery_adaptive:Pool"
+    return isinstance(pool_cls, type) and issubclass(pool_cls, Pool)
+
+
+@signals.worker_init.connect(dispatch_uid="celery_adaptive.pool.size_auto_concurrency")
+def size_auto_concurrency(sender: Any = None, **_: Any) -> None:
+    """``worker_concurrency = 'auto'`` (``-c auto``, Celery 5.7): size this pool as prefork.
+
+    Celery resolves 'auto' right after ``worker_init`` and caps it by the cgroup CPU quota only
+    for prefork (``WorkController._resolve_auto_concurrency``); every other pool gets the
+    allowed CPUs. This pool's children are CPU-bound processes like prefork's, so it resolves
+    'auto' here first with prefork's rule. The receiver is connected when this module is
+    imported, which the ``celery worker`` command does while it parses ``-P`` or
+    ``worker_pool``, before the worker exists.
+    """
+    concurrency = getattr(sender, "concurrency", None)
+    if not (isinstance(concurrency, str) and concurrency.strip().lower() == "auto"):
+        return
+    if not _is_this_pool(getattr(sender, "pool_cls", None)):
+        return
+    budget = cpuquota.cpu_budget(cpuquota.available_cpus(), cpuquota.read_cpu_quota())
+    sender.concurrency = budget.count
+    quota = "no cgroup cpu quota found" if budget.quota is None else f"cgroup cpu quota={budget.quota:.2f}"
+    # Logged when the pool starts: logging is not set up yet at worker_init.
+    _pending_logs.append(
+        f"worker_concurrency='auto' resolved to {budget.count} "
+        f"(pool=celery_adaptive:Pool, {quota}, available cpus={budget.available})"
+    )
+
+
+_pending_logs: list[str] = []
+
+
 def _task_modules(app: Any) -> tuple[str, ...]:
     modules = {getattr(task, "__module__", "") for task in app.tasks.values()}
     return tuple(sorted(m for m in modules if m and not m.startswith("celery.")))
@@ -111,8 +147,11 @@ class Pool(BasePool):
                 "max_memory_per_child": options.get("max_memory_per_child"),
                 "soft_timeout": options.get("soft_timeout"),
                 "timeout": options.get("timeout"),
+                "lost_worker_timeout": options.get("lost_worker_timeout"),
             },
         )
+        for warning in unhonoured_settings(self.app.conf, options):
+            logger.warning("%s", warning)
         self._initargs: tuple[Any, ...] = tuple(options.get("initargs") or (self.app, None))
         self.supervisor: Supervisor | None = None
         self.autoscaler: AdaptiveAutoscaler | None = None
@@ -136,13 +175,21 @@ class Pool(BasePool):
         allowed = placement.allowed_cpus()
         topology = placement.read_topology()
         policy = settings.cpu_placement
-        placement.plan_order(policy, topology, allowed)  # validates an explicit list now, at start
+        # A container's CPU quota: children are placed on at most that many CPUs, rounded up.
+        quota = cpuquota.read_cpu_quota()
+        max_cpus = cpuquota.quota_cpus(quota)
+        order = placement.plan_order(policy, topology, allowed, max_cpus)  # validates a list now
+        if max_cpus is not None and policy.kind == "explicit" and len(set(order)) > max_cpus:
+            logger.warning(
+                "adaptive_cpu_placement=%r pins children to %d CPUs but the cgroup CPU quota is "
+                "%.2f CPUs; they will be throttled", policy.describe(), len(set(order)), quota,
+            )
         task_modules = _task_modules(self.app) if settings.start_method != "fork" else ()
 
         def spec_for_slot(slot: int) -> ChildSpec:
             return ChildSpec(
                 slot=slot,
-                cpu=placement.plan_cpu(policy, topology, allowed, slot),
+                cpu=placement.plan_cpu(policy, topology, allowed, slot, max_cpus),
                 initializer_args=self._initargs,
                 max_tasks=settings.max_tasks_per_child,
                 max_memory_kib=settings.max_memory_per_child_kib,
@@ -150,8 +197,15 @@ class Pool(BasePool):
                 task_modules=task_modules,
             )
 
+        fork_hygiene = ForkHygiene(self.app)
+
+        def before_create_process() -> None:
+            if settings.start_method == "fork":
+                fork_hygiene.before_fork()
+            signals.worker_before_create_process.send(sender=self)
+
         hooks = SupervisorHooks(
-            before_create_process=lambda: signals.worker_before_create_process.send(sender=self),
+            before_create_process=before_create_process,
             on_job_done=self._on_job_done,
         )
         scheduler = Scheduler(
@@ -310,6 +364,8 @@ class Pool(BasePool):
 
     # ------------------------------------------------------------------ BasePool
     def on_start(self) -> None:
+        while _pending_logs:
+            logger.info("%s", _pending_logs.pop(0))
         if self.settings.start_method == "fork":
             warm_up_parent()  # children then start in ~15 ms, not ~100 ms
         self.supervisor = self._build_supervisor()

@@ -51,10 +51,12 @@ def worker_factory(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> 
     started: list[WorkerProcess] = []
 
     def factory(*args: str, broker_: Broker | None = None, env: dict[str, str] | None = None,
-                pool_arg: list[str] | None = None, wait: bool = True) -> WorkerProcess:
+                pool_arg: list[str] | None = None, wait: bool = True,
+                app: str = "tests.apps.proj") -> WorkerProcess:
         logdir = tmp_path_factory.mktemp("worker")
         worker = start_worker_process(
-            broker_ or broker, list(args), logdir=logdir, env=env or {}, pool_arg=pool_arg, wait=wait
+            broker_ or broker, list(args), logdir=logdir, env=env or {}, pool_arg=pool_arg,
+            wait=wait, app=app,
         )
         started.append(worker)
         return worker

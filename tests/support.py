@@ -166,6 +166,7 @@ def start_worker_process(
     pool_arg: list[str] | None = None,
     wait: bool = True,
     timeout: float = 40.0,
+    app: str = "tests.apps.proj",
 ) -> WorkerProcess:
     hostname = f"w{uuid.uuid4().hex[:8]}@localhost"
     logfile = logdir / "worker.log"
@@ -175,7 +176,7 @@ def start_worker_process(
     if pool_arg is None:
         pool_arg = ["-P", POOL]
     cmd = [
-        sys.executable, "-m", "celery", "-A", "tests.apps.proj", "worker", *pool_arg,
+        sys.executable, "-m", "celery", "-A", app, "worker", *pool_arg,
         "-Q", broker.queue, "-n", hostname, "--without-gossip", "--without-mingle",
         "-l", os.environ.get("TEST_WORKER_LOGLEVEL", "info"), *args,
     ]

@@ -446,6 +446,12 @@ class Supervisor:
             self.reactor.remove_reader(sentinel)
         exitcode = self._exitcode(child)
         if exitcode is not None:
+            if self._results_may_follow(child, since):
+                # Something else still holds its result pipe open (a process the task forked):
+                # a result may yet arrive, for up to worker_lost_wait (as prefork waits).
+                self._read_child(child)
+                child.timers.append(self._timer(REAP_POLL_S, lambda: self._watch_exit(child, since), "lost-wait"))
+                return
             self._reap(child, exitcode)
             return
         # Its fds are closed but it has not exited (it closed them itself): give it a moment,
@@ -454,6 +460,14 @@ class Supervisor:
             self._signal(child, signal.SIGKILL)
         timer = self._timer(REAP_POLL_S, lambda: self._watch_exit(child, since), "reap")
         child.timers.append(timer)
+
+    def _results_may_follow(self, child: Child, since: float) -> bool:
+        if child.channel.eof or child.state is ChildState.KILLED or self._closing:
+            return False
+        if self.clock.now() - since >= self.settings.lost_wait:
+            return False
+        return any(job.child_id == child.child_id and job.accepted_at is not None and not job.reported
+                   for job in self._jobs.values())
 
     @staticmethod
     def _exitcode(child: Child, wait: float = 0.0) -> int | None:
@@ -540,7 +554,7 @@ class Supervisor:
 
     def _on_start_timeout(self, child: Child) -> None:
         if child.state is ChildState.STARTING:
-            logger.error("Child pid=%s did not report ready in %.1fs; killing it",
+            logger.error("Child pid=%s did not report ready in %gs; killing it",
                          child.pid, self.settings.child_start_timeout)
             self._kill(child, "start timeout", signal.SIGKILL)
 

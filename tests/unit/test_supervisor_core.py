@@ -155,6 +155,7 @@ class Harness:
 
     def exit(self, child: Child, code: int) -> None:
         child.process.exitcode = code
+        child.channel.eof = True  # its end of the pipe closed with it
         self.sup.on_sentinel(child.child_id)
 
     def advance(self, seconds: float) -> None:
@@ -323,6 +324,40 @@ def test_a_bad_message_gets_the_child_killed_and_replaced(h: Harness) -> None:
     h.exit(child, -signal.SIGKILL)
     assert len(h.sup.live_children()) == 2
     assert h.sup.counters["bad_messages"] == 1
+
+
+def test_a_result_may_follow_a_dead_child_for_worker_lost_wait() -> None:
+    h = Harness(children=1, worker_lost_wait=2)
+    h.ready_all()
+    job = h.submit()
+    child = h.holder(job)
+    h.deliver(child, JobAccepted(job.job_id, child.pid, h.clock.now()))
+    child.process.exitcode = 0  # exited, but a process it forked still holds the pipe open
+    h.sup.on_sentinel(child.child_id)
+    assert child.state is ChildState.BUSY and not [o for o in h.outcomes if o[0] == "error"]
+    h.advance(0.5)
+    h.deliver(child, JobFinished(job.job_id, True, 7, 0.5))
+    h.advance(0.02)
+    assert ("ok", 7) in h.outcomes
+    h.advance(2.0)
+    assert child.state is ChildState.DEAD and h.sup.counters["lost"] == 0
+
+
+def test_a_dead_childs_job_is_lost_after_worker_lost_wait() -> None:
+    from celery.exceptions import WorkerLostError
+
+    h = Harness(children=1, worker_lost_wait=2)
+    h.ready_all()
+    job = h.submit()
+    child = h.holder(job)
+    h.deliver(child, JobAccepted(job.job_id, child.pid, h.clock.now()))
+    child.process.exitcode = 0
+    h.sup.on_sentinel(child.child_id)
+    h.advance(1.0)
+    assert child.state is ChildState.BUSY
+    h.advance(1.1)
+    assert child.state is ChildState.DEAD
+    assert isinstance(h.outcomes[-1][1], WorkerLostError)
 
 
 # ------------------------------------------------------------------ time limits

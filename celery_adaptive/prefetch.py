@@ -75,13 +75,15 @@ def capacity_move(recorded: int, children: int, multiplier: int) -> int:
 
 
 def apply_move(qos: Any, step: int) -> None:
-    """Move a kombu ``QoS`` by ``step``; the event loop sends it to the broker. kombu floors a
-    decrement at 1 (never 0, which would mean unlimited) and caps an increment at
-    ``worker_eta_task_limit``, exactly as for Celery's own moves."""
-    if step > 0:
-        qos.increment_eventually(step)
-    elif step < 0:
-        qos.decrement_eventually(-step)
+    """Move a kombu ``QoS`` by ``step``; the event loop sends it to the broker.
+
+    Not through ``increment_eventually``: that caps the value at ``worker_eta_task_limit``,
+    which bounds the ETA part (Celery does not cap the capacity it starts with either), and a
+    capped increase followed by an uncapped decrease would leave the prefetch below capacity
+    for good. Never below 1: 0 would mean unlimited."""
+    if step:
+        with qos._mutex:
+            qos.value = max(1, int(qos.value) + step)
 
 
 class PrefetchLink:

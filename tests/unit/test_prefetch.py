@@ -226,3 +226,15 @@ def test_a_failed_re_establish_reconnects_or_keeps_the_old_consumer(recoverable:
         consumer.run_soon()
         assert "could not re-establish" in caplog.text
     assert link.established == 1
+
+
+def test_the_eta_task_limit_caps_the_eta_part_only() -> None:
+    consumer = ConsumerStandIn(multiplier=4, children=1)
+    consumer.qos = QoS(consumer._send, 4, max_prefetch=6)  # worker_eta_task_limit=6
+    link = linked(consumer, 1)
+    consumer.hold_eta(1)
+    link.follow(4, 4)
+    assert consumer.qos.value == 16 + 1  # a capped grow...
+    link.follow(1, 1)
+    consumer.eta_due(1)
+    assert consumer.qos.value == 4  # ...would end here at 1, below one child's share

@@ -21,6 +21,7 @@ from celery_adaptive.djangofork import ForkHygiene
 from celery_adaptive.jobs import Job
 from celery_adaptive.metrics import start_for_pool as start_metrics
 from celery_adaptive.metrics.service import MetricsService
+from celery_adaptive.prefetch import PrefetchLink
 from celery_adaptive.scheduler import Scheduler
 from celery_adaptive.settings import PoolSettings, build_settings, unhonoured_settings
 from celery_adaptive.supervisor import (
@@ -159,6 +160,7 @@ class Pool(BasePool):
         self._tick_timer: Any = None  # the autoscaler's next scheduled decision (a Deadline)
         self._early_timer: Any = None  # an arrival's decision, deferred to the end of the gap
         self._tick_at = 0.0
+        self.prefetch = PrefetchLink()  # the consumer's prefetch, sized for capacity
         self._install_consumer_link()
 
     # ------------------------------------------------------------------ setup
@@ -234,7 +236,8 @@ class Pool(BasePool):
 
     # ------------------------------------------------------------------ consumer and sizing
     def on_consumer_start(self, consumer: Any) -> None:
-        """The consumer (re)started: keep a reference, and set up autoscaling once."""
+        """The consumer (re)started: keep a reference, set up autoscaling once, and size the
+        fresh QoS for the pool before the event loop starts consuming."""
         self.consumer = consumer
         if self.supervisor is None:
             return
@@ -242,6 +245,22 @@ class Pool(BasePool):
         celery_autoscaler = getattr(worker, "autoscaler", None)
         if self.autoscaler is None and (self.settings.autoscale or celery_autoscaler is not None):
             self._start_autoscaler(consumer, worker, celery_autoscaler)
+        # The consumer was built with --autoscale's MAX (or -c) x multiplier, and a reconnect
+        # recomputes it from num_processes: both are corrected here, before consuming.
+        self.prefetch.on_consumer_start(consumer, self.supervisor.target, self._prefetch_ceiling())
+
+    def _prefetch_ceiling(self) -> int:
+        """The most children the pool may run: what a prefetch fixed at consume time (RabbitMQ
+        per-consumer QoS) is sized for."""
+        assert self.supervisor is not None
+        if self.autoscaler is not None:
+            return max(self.autoscaler.bounds[1], self.supervisor.target)
+        return self.supervisor.target
+
+    def _follow_capacity(self) -> None:
+        """Move the prefetch with capacity (relative to Celery's ETA part; see prefetch.py)."""
+        if self.supervisor is not None:
+            self.prefetch.follow(self.supervisor.target, self._prefetch_ceiling())
 
     def _start_autoscaler(self, consumer: Any, worker: Any, celery_autoscaler: Any) -> None:
         assert self.supervisor is not None
@@ -260,7 +279,9 @@ class Pool(BasePool):
                 # Its reactive rule would fight the forecast; keep it as a control surface only.
                 celery_autoscaler.maybe_scale = lambda req=None: None
         if worker is not None:
-            worker.autoscaler = CeleryAutoscalerBridge(self, self.autoscaler, worker, sup.clock.now)
+            worker.autoscaler = CeleryAutoscalerBridge(
+                self, self.autoscaler, worker, sup.clock.now, on_bounds=self._follow_capacity
+            )
         queues = [q.name for q in getattr(getattr(consumer, "task_consumer", None), "queues", []) or []]
         self.autoscaler.probe = BacklogProbe(
             self.app, queues, min(self.settings.control_interval, 0.25),
@@ -277,7 +298,6 @@ class Pool(BasePool):
         target = min(max(sup.target, low), high)
         if target != sup.target:
             self.resize_to(target, f"autoscale bounds [{low}, {high}]")
-        self._sync_prefetch()
         self._schedule_tick(self.settings.control_interval)
         logger.info("Predictive autoscaler on: %d..%d children, target wait %.0f ms",
                     low, high, self.settings.target_wait * 1000)
@@ -343,24 +363,7 @@ class Pool(BasePool):
             return
         self.supervisor.set_target(target)
         self.limit = target
-        self._sync_prefetch()
-
-    def _sync_prefetch(self) -> None:
-        """Make the consumer's prefetch count capacity x multiplier (contract section 5)."""
-        consumer = self.consumer
-        if consumer is None or self.supervisor is None:
-            return
-        multiplier = getattr(consumer, "prefetch_multiplier", 0) or 0
-        qos = getattr(consumer, "qos", None)
-        if not multiplier or qos is None or not getattr(consumer, "initial_prefetch_count", 0):
-            return  # prefetch unlimited or disabled: nothing to move
-        wanted = self.supervisor.target * multiplier
-        consumer.initial_prefetch_count = wanted
-        diff = wanted - int(qos.value)
-        if diff > 0:
-            qos.increment_eventually(diff)
-        elif diff < 0:
-            qos.decrement_eventually(-diff)
+        self._follow_capacity()
 
     # ------------------------------------------------------------------ BasePool
     def on_start(self) -> None:
@@ -431,15 +434,21 @@ class Pool(BasePool):
         if self.supervisor is not None:
             self.supervisor.terminate_job(pid, signal_ or signal.SIGTERM)
 
+    # ``pool_grow``/``pool_shrink`` call these, then ``Consumer._update_prefetch_count(±n)``,
+    # which moves the prefetch itself (relative, like `PrefetchLink.follow`): moving it here too
+    # would count the change twice. A prefetch fixed at consume time still needs the consumer
+    # re-established after Celery's move.
     def grow(self, n: int = 1) -> None:
         assert self.supervisor is not None
         self.supervisor.grow(n)
         self.limit = self.supervisor.target
+        self.prefetch.after_celery_move()
 
     def shrink(self, n: int = 1) -> None:
         assert self.supervisor is not None
         self.supervisor.shrink(n)
         self.limit = self.supervisor.target
+        self.prefetch.after_celery_move()
 
     # Celery's autoscaler calls these names on the pool.
     def shrink_pool(self, n: int = 1) -> None:
@@ -521,6 +530,7 @@ class Pool(BasePool):
                 "max-children": self.autoscaler.bounds[1] if self.autoscaler else settings.max_children,
                 "autoscale": self.autoscaler is not None,
                 "queued": sup.jobs_queued() if sup is not None else 0,
+                "prefetch": self.prefetch.describe(),
                 "in-flight": sup.jobs_in_flight() if sup is not None else 0,
                 "children": [
                     {

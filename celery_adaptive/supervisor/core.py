@@ -125,6 +125,9 @@ class Supervisor:
         self._lock = threading.RLock()
         self.reactor = Reactor(self, self.clock, self._lock)
         self._jobs: dict[int, Job] = {}
+        # An index of _jobs: the job each child is running (a child runs one at a time), so
+        # metrics and the autoscaler do not scan every held job.
+        self._running: dict[int, Job] = {}
         self._next_job_id = 0
         self._deadlines = DeadlineHeap()
         self._closing = False
@@ -276,9 +279,9 @@ class Supervisor:
         child = self.children_table.by_pid(pid)
         if child is None or not child.alive:
             return
-        for job in list(self._jobs.values()):
-            if job.child_id == child.child_id and job.accepted_at is not None:
-                job.terminate_signal = signum
+        job = self._running.get(child.child_id)
+        if job is not None:
+            job.terminate_signal = signum
         self._signal(child, signum)
 
     # ================================================================== sizing
@@ -339,8 +342,7 @@ class Supervisor:
     def running_jobs(self) -> dict[int, Job]:
         """The job each busy child is running (child id -> job), for metrics."""
         with self._lock:
-            return {job.child_id: job for job in self._jobs.values()
-                    if job.child_id is not None and job.accepted_at is not None}
+            return dict(self._running)
 
     def running_ages(self, now: float) -> dict[str, float]:
         """Longest time any running job of each task name has run so far."""
@@ -466,8 +468,8 @@ class Supervisor:
             return False
         if self.clock.now() - since >= self.settings.lost_wait:
             return False
-        return any(job.child_id == child.child_id and job.accepted_at is not None and not job.reported
-                   for job in self._jobs.values())
+        job = self._running.get(child.child_id)
+        return job is not None and not job.reported
 
     @staticmethod
     def _exitcode(child: Child, wait: float = 0.0) -> int | None:
@@ -665,6 +667,7 @@ class Supervisor:
             child.busy_seconds += self.clock.now() - child.busy_since
             child.busy_since = None
         self.counters["children_exited"] += 1
+        self._running.pop(child.child_id, None)
         lost: tuple[int, ...] = ()
         if in_scheduler:
             lost = self.scheduler.remove_child(child.child_id).lost
@@ -828,6 +831,7 @@ class Supervisor:
         if job is None or self.scheduler.state_of(job.job_id) is not JobState.SENT:
             return
         job.pid, job.accepted_at = message.pid, message.started_at
+        self._running[child.child_id] = job
         self.scheduler.accepted(job.job_id, self.clock.now())
         self.counters["started"] += 1
         self._call(job.accept_callback, message.pid, message.started_at)
@@ -886,6 +890,8 @@ class Supervisor:
         job = self._jobs.pop(message.job_id, None)
         if job is None:
             return
+        if self._running.get(child.child_id) is job:
+            del self._running[child.child_id]
         self._cancel_job_timers(job)
         child.tasks_done += 1
         now = self.clock.now()

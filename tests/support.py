@@ -54,9 +54,7 @@ class Broker:
     _app: Celery | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.backend_url:
-            if self.kind != "redis":
-                raise ValueError(f"a {self.kind} broker needs a Redis backend_url")
+        if not self.backend_url and self.kind == "redis":
             self.backend_url = self.url
 
     @property
@@ -78,6 +76,8 @@ class Broker:
     def redis(self) -> redis.Redis:
         """The Redis of this layout: the broker's for Redis, the result backend's for AMQP
         (where the test tasks keep their bookkeeping)."""
+        if not self.backend_url:
+            raise ValueError(f"no Redis for {self.url}: give this AMQP Broker a backend_url")
         return redis.Redis.from_url(self.backend_url)
 
     def send(self, name: str, *args: Any, **options: Any) -> AsyncResult:
@@ -223,8 +223,9 @@ def start_worker_process(
     hostname = f"w{uuid.uuid4().hex[:8]}@localhost"
     logfile = logdir / "worker.log"
     full_env = dict(os.environ)
-    full_env.update({"TEST_BROKER_URL": broker.url, "TEST_BACKEND_URL": broker.backend_url,
-                     "TEST_QUEUE": broker.queue, "PYTHONUNBUFFERED": "1"})
+    full_env.update({"TEST_BROKER_URL": broker.url, "TEST_QUEUE": broker.queue, "PYTHONUNBUFFERED": "1"})
+    if broker.backend_url:
+        full_env["TEST_BACKEND_URL"] = broker.backend_url
     full_env.update(env or {})
     if pool_arg is None:
         pool_arg = ["-P", POOL]

@@ -62,6 +62,10 @@ def resolve(name: str, concurrency: int) -> PoolConfig:
         return PoolConfig(name, ("-P", ADAPTIVE_CLASS, "-c", c),
                           env={"BENCH_POOL_CONF": json.dumps(ADAPTIVE_MEMORY_CONF)},
                           pool_class=ADAPTIVE_CLASS)
+    if name == "adaptive-nomemory":
+        return PoolConfig(name, ("-P", ADAPTIVE_CLASS, "-c", c),
+                          env={"BENCH_POOL_CONF": json.dumps({"adaptive_memory_interval": 0})},
+                          pool_class=ADAPTIVE_CLASS)
     if name == "prefork-maxmem":
         return PoolConfig(name, ("-P", "prefork", "-c", c, "--max-memory-per-child",
                                  str(MEMORY_CHILD_LIMIT_KIB)))
@@ -75,7 +79,8 @@ def resolve(name: str, concurrency: int) -> PoolConfig:
     if ":" in name and all(name.split(":", 1)):
         return PoolConfig(name, ("-P", name, "-c", c), pool_class=name)
     raise ValueError(
-        f"unknown pool {name!r}; use adaptive, adaptive-nometrics, adaptive-autoscale, adaptive-memory,"
+        f"unknown pool {name!r}; use adaptive, adaptive-nometrics, adaptive-nomemory, adaptive-autoscale,"
+        " adaptive-memory,"
         " prefork, prefork-autoscale, prefork-maxmem, threads, solo"
         " or module:Class"
     )

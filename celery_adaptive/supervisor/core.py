@@ -1004,6 +1004,14 @@ class Supervisor:
         assert self.memory is not None
         if not child.alive or child.state is ChildState.KILLED or not self.memory.current(child, reading, read_at):
             return
+        if child.ready_at is not None and child.child_id in self.scheduler.children() and any(
+            self.scheduler.state_of(job_id) is JobState.SENT
+            for job_id in self.scheduler.window_of(child.child_id)
+        ):
+            # A task handed over and not yet acknowledged may be starting this very moment:
+            # killing now could run it twice (it would be requeued as never started). The next
+            # reading, within the interval, finds it started or not taken.
+            return
         self.counters["memory_hard_limit"] += 1
         limit_text = self.memory.config.hard_text or format_bytes(action.limit)
         detail = (f"RSS {format_bytes(reading.rss)} ({reading.rss} bytes) is over "

@@ -144,6 +144,21 @@ def test_a_result_already_in_the_pipe_wins_over_the_kill() -> None:
     assert ("ok", 7) in h.outcomes and errors(h) == [] and h.signals == []
 
 
+def test_a_task_handed_over_but_not_yet_started_is_not_killed_with_its_child() -> None:
+    # Killing now could run it twice: it would be requeued as never started while the child
+    # may be starting it this very moment. The next reading decides.
+    h = make(hard=512 * MiB)
+    job = h.submit()
+    child = h.holder(job)
+    read(h, (child, 700 * MiB))
+    assert h.signals == [] and errors(h) == []
+    h.deliver(child, JobAccepted(job.job_id, child.pid, h.clock.now()))
+    h.clock.advance(0.25)
+    read(h, (child, 700 * MiB))
+    assert h.signals == [(child.pid, signal.SIGKILL)]
+    assert isinstance(errors(h)[0], MemoryLimitExceeded)
+
+
 def test_readings_of_a_reaped_or_reused_pid_are_ignored() -> None:
     h = make(hard=512 * MiB)
     child = h.child(0)

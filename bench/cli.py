@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=20261127, help="schedule seed")
     run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                      help="override a workload parameter, e.g. duration_s=30 or idle_s=12")
+    run.add_argument("--memory-budget", default=None, metavar="SIZE",
+                     help="run each worker in a fresh memory cgroup limited to SIZE ('384MiB', "
+                          "'1GB', or KiB); needs root or a delegated cgroup")
     run.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                      help="parent of the dated results folder (default: bench/results)")
     rep = sub.add_parser("report", help="rewrite summary.md and plots of an existing folder")
@@ -101,15 +104,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         say("error: --repeat must be >= 1")
         return 2
+    budget = None
+    if args.memory_budget is not None:
+        from bench.cgroup import CgroupUnavailable, MemoryBudget
+        from celery_adaptive.errors import SettingsError
+        from celery_adaptive.memory.sizes import parse_amount
+
+        try:
+            budget = parse_amount("--memory-budget", args.memory_budget, allow_share=False).size
+            assert budget is not None
+            MemoryBudget(budget).close()  # can one be made here at all?
+        except (SettingsError, CgroupUnavailable) as exc:
+            say(f"error: {exc}")
+            return 2
     folder = results_folder(args.out)
     plan = Plan(tuple(args.workloads), pools, args.repeat, concurrency, cpus, args.quick,
-                args.seed, args.baseline, folder, overrides)
+                args.seed, args.baseline, folder, overrides, budget)
     meta = {
         "stamp": folder.name, "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
         "workloads": list(args.workloads), "pools": [p.name for p in pools],
         "pool_args": {p.name: list(p.args) for p in pools}, "baseline": args.baseline,
         "concurrency": concurrency, "repeat": args.repeat, "quick": args.quick, "params": overrides,
         "seed": args.seed, "host": host_info(plan), "time_varying": time_varying,
+        "memory_budget": budget,
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     say(f"results: {folder}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,6 +135,8 @@ def summarise(sent: Sequence[Sent], results: dict[str, dict[str, Any]],
         "latency_ms": latency_stats([r["latency_ms"] for r in ok]),
         "latency_ms_by_class": {c: latency_stats(v) for c, v in sorted(by_class.items())},
         "hit_ratio": hits / (hits + misses) if hits + misses else None,
+        # Tasks that did not succeed (errors and lost), per class: which kind of work failed.
+        "failed_by_class": dict(sorted(Counter(r["cls"] for r in rows if r["status"] != "SUCCESS").items())),
         "window_s": window,
         "cpu_seconds": cpu_seconds(samples, start, end),
         "process_seconds": proc_s,

@@ -8,10 +8,22 @@ celery_adaptive's) extends the ``-P`` choices, so ``with_custom_fallback`` gives
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 
 ADAPTIVE_CLASS = "celery_adaptive:Pool"
 CUSTOM_POOL_ENV = "CELERY_CUSTOM_WORKER_POOL"
+#: The memory workload's per-child limit: prefork recycles a child over it after its task
+#: (``--max-memory-per-child``, KiB); adaptive-memory drains one over it while it runs.
+MEMORY_CHILD_LIMIT_KIB = 200 * 1024
+#: adaptive-memory's memory guard: the per-child soft limit as prefork's, a hard limit and an
+#: admission threshold as shares of the budget (the worker's cgroup), heavy tasks held until
+#: they fit (the default 64 MiB threshold).
+ADAPTIVE_MEMORY_CONF = {
+    "adaptive_memory_soft_limit": MEMORY_CHILD_LIMIT_KIB,
+    "adaptive_memory_hard_limit": "90%",
+    "adaptive_memory_admission_threshold": "85%",
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,17 @@ def resolve(name: str, concurrency: int) -> PoolConfig:
     if name == "adaptive-nometrics":
         return PoolConfig(name, ("-P", ADAPTIVE_CLASS, "-c", c), env={"BENCH_ADAPTIVE_METRICS": "0"},
                           pool_class=ADAPTIVE_CLASS)
+    if name == "adaptive-memory":
+        return PoolConfig(name, ("-P", ADAPTIVE_CLASS, "-c", c),
+                          env={"BENCH_POOL_CONF": json.dumps(ADAPTIVE_MEMORY_CONF)},
+                          pool_class=ADAPTIVE_CLASS)
+    if name == "adaptive-nomemory":
+        return PoolConfig(name, ("-P", ADAPTIVE_CLASS, "-c", c),
+                          env={"BENCH_POOL_CONF": json.dumps({"adaptive_memory_interval": 0})},
+                          pool_class=ADAPTIVE_CLASS)
+    if name == "prefork-maxmem":
+        return PoolConfig(name, ("-P", "prefork", "-c", c, "--max-memory-per-child",
+                                 str(MEMORY_CHILD_LIMIT_KIB)))
     if name == "adaptive-autoscale":
         return PoolConfig(name, ("-P", ADAPTIVE_CLASS, "--autoscale", f"{c},1"), pool_class=ADAPTIVE_CLASS)
     if name == "prefork-autoscale":
@@ -56,6 +79,8 @@ def resolve(name: str, concurrency: int) -> PoolConfig:
     if ":" in name and all(name.split(":", 1)):
         return PoolConfig(name, ("-P", name, "-c", c), pool_class=name)
     raise ValueError(
-        f"unknown pool {name!r}; use adaptive, adaptive-nometrics, adaptive-autoscale, prefork, prefork-autoscale, threads, solo"
+        f"unknown pool {name!r}; use adaptive, adaptive-nometrics, adaptive-nomemory, adaptive-autoscale,"
+        " adaptive-memory,"
+        " prefork, prefork-autoscale, prefork-maxmem, threads, solo"
         " or module:Class"
     )

@@ -171,6 +171,35 @@ def noise_note(records: Sequence[Record]) -> list[str]:
     return lines + [""]
 
 
+def budget_section(records: Sequence[Record]) -> list[str]:
+    """With ``--memory-budget``: every run (failed ones too: that is the point), what got done
+    inside the budget, and what the kernel's OOM killer did."""
+    runs = [r for r in records if r.get("memory_budget")]
+    if not runs:
+        return []
+    rows = []
+    for r in sorted(runs, key=lambda r: (r["workload"], r["pool"], r["repetition"])):
+        budget, f = r["memory_budget"], r.get("figures") or {}
+        failed = f.get("failed_by_class") or {}
+        peak = budget.get("peak_bytes")
+        rows.append([
+            r["workload"], r["pool"], str(r["repetition"]),
+            f"{f.get('completed', '–')}/{f.get('sent', '–')}",
+            ", ".join(f"{n} {c}" for c, n in failed.items()) or "0",
+            "–" if budget.get("oom_kills") is None else str(budget["oom_kills"]),
+            "–" if peak is None else f"{peak / 2**20:.0f}",
+            fmt(_fig("peak_rss_bytes", 1 / 2**20)(r)) if f else "–",
+        ])
+    limit = runs[0]["memory_budget"]["limit_bytes"] / 2**20
+    lines = ["## Memory budget", "",
+             f"Each worker ran in its own memory cgroup limited to {limit:.0f} MiB (`--memory-budget`)."
+             " Peak is the cgroup's own high-water mark; peak RSS sums the process tree's RSS"
+             " (shared pages once per process).", ""]
+    lines += table(["workload", "pool", "rep", "completed/sent", "not completed (by class)",
+                    "OOM kills", "cgroup peak MiB", "peak RSS MB"], rows)
+    return lines + [""]
+
+
 def render(records: Sequence[Record], meta: dict[str, Any],
            time_varying: dict[str, bool]) -> str:
     pools = list(meta["pools"])
@@ -199,6 +228,7 @@ def render(records: Sequence[Record], meta: dict[str, Any],
         if by_workload.get(name):
             lines += workload_section(name, by_workload[name], pools, baseline,
                                       time_varying.get(name, False))
+    lines += budget_section(records)
     failed = [r for r in records if r["status"] != "ok"]
     lines += ["## Failed runs", ""]
     if failed:

@@ -23,6 +23,7 @@ import celery
 import redis
 
 from bench import metrics
+from bench.cgroup import MemoryBudget
 from bench.loadgen import Say, collect, make_client, send_schedule
 from bench.pools import PoolConfig
 from bench.sampler import TreeSampler, host_busy_seconds, process_cpu_seconds
@@ -45,6 +46,8 @@ class Plan:
     baseline: str
     out_dir: Path
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: Bytes: each worker runs in a fresh memory cgroup with this limit (bench/cgroup.py).
+    memory_budget: int | None = None
 
 
 def run_order(plan: Plan) -> list[tuple[int, str, PoolConfig]]:
@@ -111,11 +114,12 @@ class Runner:
         finally:
             client.close()
 
-    def _start_worker(self, pool: PoolConfig, log_path: Path) -> Worker:
+    def _start_worker(self, pool: PoolConfig, log_path: Path,
+                      budget: MemoryBudget | None = None) -> Worker:
         """A ready worker; retries a rejected ``-P module:Class`` once as ``-P custom``."""
         for attempt in range(2):
             client = make_client(self.broker_url)
-            worker = Worker(pool, self.broker_url, self.backend_url, log_path)
+            worker = Worker(pool, self.broker_url, self.backend_url, log_path, budget=budget)
             try:
                 worker.start(client)
                 return worker
@@ -144,15 +148,20 @@ class Runner:
             "failure": None,
         }
         started = time.monotonic()
+        budget: MemoryBudget | None = None
         try:
             self._flush()
-            worker = self._start_worker(pool, self.plan.out_dir / "logs" / f"{run_id}.log")
+            if self.plan.memory_budget is not None:
+                budget = MemoryBudget(self.plan.memory_budget)
+            worker = self._start_worker(pool, self.plan.out_dir / "logs" / f"{run_id}.log", budget)
             try:
                 record["command"] = worker_command(worker.pool, worker.hostname)
                 record["env"] = worker.pool.env
                 record.update(self._measure(worker, workload))
             finally:
                 worker.stop()  # idempotent; _measure has normally stopped it already
+                if budget is not None:
+                    record["memory_budget"] = vars(budget.figures())
             problems = [f"{record['figures'][k]} {k}" for k in ("lost", "errors")
                         if record["figures"][k]]
             if record["exit_code"] not in (0, None):
@@ -166,6 +175,12 @@ class Runner:
                 record["log_tail"] = exc.log_tail
                 last = [line for line in exc.log_tail.splitlines() if line.strip()][-3:]
                 self.say("\n".join("    | " + line for line in last))
+        finally:
+            if budget is not None:
+                try:
+                    budget.close()
+                except OSError as exc:
+                    self.say(f"    warning: could not remove the cgroup {budget.path}: {exc}")
         record["wall_s"] = round(time.monotonic() - started, 2)
         path = self.plan.out_dir / "runs" / f"{run_id}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +232,11 @@ def one_line(record: dict[str, Any]) -> str:
             f" | {f['throughput_per_s']:.0f}/s | p50 {lat['p50']:.1f} p99 {lat['p99']:.1f} ms"
             f" | cpu {f['cpu_seconds']:.2f}s | {f['process_seconds']:.1f} proc-s"
             f" | {record['wall_s']:.1f}s wall")
+    budget = record.get("memory_budget")
+    if budget:
+        peak = budget["peak_bytes"]
+        text += (f" | budget {budget['limit_bytes'] / 2**20:.0f} MiB: peak "
+                 f"{'?' if peak is None else f'{peak / 2**20:.0f}'} MiB, {budget['oom_kills']} OOM kill(s)")
     if f.get("other_cpu_share", 0) > 0.10:
         text += f" | host busy: others took {f['other_cpu_share']:.0%} of the CPUs"
     if record["failure"]:

@@ -8,6 +8,7 @@ ran it, so latency is measured end to end without trusting any Celery event.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import OrderedDict
@@ -45,6 +46,8 @@ app.conf.update(
     # The adaptive-nometrics configuration turns the pool's metrics off to measure their cost.
     adaptive_metrics_enabled=os.environ.get("BENCH_ADAPTIVE_METRICS", "1") == "1",
 )
+# Pool settings of a configuration (the memory guard's of adaptive-memory), as JSON.
+app.conf.update(json.loads(os.environ.get("BENCH_POOL_CONF") or "{}"))
 
 
 def spin_cpu(ms: float) -> None:
@@ -99,3 +102,14 @@ def tenant(key: str) -> dict[str, Any]:
     while len(_warm_tenants) > TENANT_CACHE:
         _warm_tenants.popitem(last=False)
     return _done(hit=hit)
+
+
+@app.task(name="bench.hold_memory")
+def hold_memory(mb: float, ms: float) -> dict[str, Any]:
+    """Take ``mb`` MiB (every page touched, so it is resident), hold it ``ms``, free it."""
+    block = bytearray(int(mb * 1024 * 1024))
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    time.sleep(ms / 1000.0)
+    del block
+    return _done()

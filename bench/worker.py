@@ -19,6 +19,7 @@ from typing import IO
 
 from celery import Celery
 
+from bench.cgroup import MemoryBudget
 from bench.pools import PoolConfig
 from bench.tasks import BACKEND_ENV, BROKER_ENV
 
@@ -51,8 +52,10 @@ class Worker:
     """One worker subprocess; use as a context manager so it is always stopped."""
 
     def __init__(self, pool: PoolConfig, broker_url: str, backend_url: str, log_path: Path,
-                 start_timeout: float = 60.0, stop_timeout: float = 20.0) -> None:
+                 start_timeout: float = 60.0, stop_timeout: float = 20.0,
+                 budget: MemoryBudget | None = None) -> None:
         self.pool = pool
+        self.budget = budget
         self.broker_url = broker_url
         self.backend_url = backend_url
         self.log_path = log_path
@@ -83,6 +86,9 @@ class Worker:
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if self.budget is not None:
+            # Before the worker forks its pool: it is still importing (a second or more).
+            self.budget.add(self.process.pid)
         self._wait_ready(client)
 
     def _wait_ready(self, client: Celery) -> None:

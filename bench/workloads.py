@@ -194,6 +194,36 @@ def idle(s: Sizing) -> Workload:
                     " ready", {"duration_s": duration}, arrivals, duration, True, s.seed)
 
 
+def memory(s: Sizing) -> Workload:
+    # Light CPU tasks with a few memory-heavy ones among them. The first heavy task arrives
+    # alone (no pool knows a task's memory before it has run once); then pairs arrive 50 ms
+    # apart, which a pool that starts whatever arrives runs side by side. Meant for a memory
+    # budget (--memory-budget) that holds one heavy task at a time but not two.
+    duration = float(_pick(s, 60.0, 4.0, "duration_s"))
+    heavy_mb = float(_pick(s, 160.0, 20.0, "heavy_mb"))
+    hold_ms = float(_pick(s, 1000.0, 200.0, "hold_ms"))
+    pairs = int(_pick(s, 6, 1, "pairs"))
+    light_ms, load = 5.0, float(_pick(s, 0.3, 0.3, "load"))
+    rate = load * s.cpus / (light_ms / 1000.0)
+    rng = random.Random(s.seed)
+    arrivals = [_spin(t, light_ms, "light", "bench.spin_short")
+                for t in poisson_times(rng, lambda _t: rate, rate, duration)]
+
+    def heavy(at: float) -> Arrival:
+        return Arrival(at, "bench.hold_memory", (heavy_mb, hold_ms), "heavy", hold_ms / 1000.0)
+
+    arrivals.append(heavy(min(0.5, duration / 4)))
+    for k in range(pairs):
+        at = duration * (k + 1) / (pairs + 1)
+        arrivals += [heavy(at), heavy(at + 0.05)]
+    arrivals.sort(key=lambda a: a.at)
+    params = {"duration_s": duration, "heavy_mb": heavy_mb, "hold_ms": hold_ms, "pairs": pairs,
+              "light_ms": light_ms, "load": load, "rate_per_s": round(rate, 2)}
+    return Workload("memory", f"5 ms CPU tasks at {load:.0%} of capacity, and {2 * pairs + 1} tasks"
+                    f" holding {heavy_mb:.0f} MiB for {hold_ms:.0f} ms (one alone, then pairs 50 ms"
+                    " apart)", params, tuple(arrivals), duration, True, s.seed)
+
+
 BUILDERS: dict[str, Callable[[Sizing], Workload]] = {
     "tiny": tiny,
     "mixed": mixed,
@@ -202,6 +232,7 @@ BUILDERS: dict[str, Callable[[Sizing], Workload]] = {
     "ramp": ramp,
     "steady": steady,
     "idle": idle,
+    "memory": memory,
 }
 
 

@@ -174,6 +174,7 @@ class AdaptiveAutoscaler:
         pool_backlog: Callable[[], int],
         running_ages: Callable[[float], Mapping[str, float]] = lambda now: {},
         oldest_wait: Callable[[float], float] = lambda now: 0.0,
+        memory_pressure: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.predictor = Predictor(window_s=min(1.0, settings.control_interval))
@@ -200,6 +201,9 @@ class AdaptiveAutoscaler:
         self._pool_backlog = pool_backlog
         self._running_ages = running_ages
         self._oldest_wait = oldest_wait
+        # Why no task may start now (memory over the admission threshold), or None: more
+        # children would only take more memory, so the pool does not grow meanwhile.
+        self._memory_pressure = memory_pressure
         self.probe: BacklogProbe | None = None
         self.last_forecast: Forecast | None = None
         self.last_decision: ScalingDecision | None = None
@@ -247,6 +251,14 @@ class AdaptiveAutoscaler:
             self._oldest_wait(now),
         )
         decision = self.controller.decide(now, forecast, self._current())
+        if decision.direction == "up":
+            pressure = self._memory_pressure()
+            if pressure is not None:
+                decision = ScalingDecision(
+                    decision.at, decision.current, decision.desired, decision.current, "hold",
+                    f"hold {decision.current}: {pressure}; no child is added until it falls "
+                    f"(would be {decision.reason})",
+                )
         self.last_forecast, self.last_decision = forecast, decision
         if decision.direction != "hold" and decision.target != decision.current:
             self.history.append(decision)
@@ -282,6 +294,13 @@ class AdaptiveAutoscaler:
                 "predicted-rate": round(f.predicted_rate, 3),
                 "service-time": round(f.service_time, 5),
                 "backlog": f.backlog,
+            }
+        if self.last_decision is not None:
+            # The latest tick, often a hold (and why: memory pressure holds a scale-up).
+            out["last-tick"] = {
+                "direction": self.last_decision.direction,
+                "target": self.last_decision.target,
+                "reason": self.last_decision.reason,
             }
         if self.last_change is not None:
             out["last-decision"] = {

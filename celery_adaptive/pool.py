@@ -18,8 +18,14 @@ from celery_adaptive import cpuquota, placement
 from celery_adaptive.autoscaler import AdaptiveAutoscaler, BacklogProbe, CeleryAutoscalerBridge
 from celery_adaptive.child import ChildSpec, child_main, warm_up_parent
 from celery_adaptive.djangofork import ForkHygiene
+from celery_adaptive.errors import SettingsError
 from celery_adaptive.jobs import Job
+from celery_adaptive.memory.cgroup import SystemMemorySource
+from celery_adaptive.memory.policy import MemoryConfig
+from celery_adaptive.memory.sizes import MemoryAmount, format_bytes
+from celery_adaptive.memory.watcher import MemoryWatcher
 from celery_adaptive.metrics import start_for_pool as start_metrics
+from celery_adaptive.metrics.events import send_memory_event
 from celery_adaptive.metrics.service import MetricsService
 from celery_adaptive.prefetch import PrefetchLink
 from celery_adaptive.scheduler import Scheduler
@@ -31,6 +37,7 @@ from celery_adaptive.supervisor import (
     SupervisorHooks,
     pids,
 )
+from celery_adaptive.supervisor.memory import MemoryControl
 
 logger = logging.getLogger("celery_adaptive")
 
@@ -157,6 +164,8 @@ class Pool(BasePool):
         self.supervisor: Supervisor | None = None
         self.autoscaler: AdaptiveAutoscaler | None = None
         self.metrics: MetricsService | None = None  # celery_adaptive.metrics, made in on_start
+        self.memory_watcher: MemoryWatcher | None = None  # celery_adaptive.memory, in on_start
+        self._memory_source: SystemMemorySource | None = None
         self._tick_timer: Any = None  # the autoscaler's next scheduled decision (a Deadline)
         self._early_timer: Any = None  # an arrival's decision, deferred to the end of the gap
         self._tick_at = 0.0
@@ -209,6 +218,7 @@ class Pool(BasePool):
         hooks = SupervisorHooks(
             before_create_process=before_create_process,
             on_job_done=self._on_job_done,
+            on_memory_event=self._on_memory_event,
         )
         scheduler = Scheduler(
             window=settings.dispatch_window,
@@ -225,7 +235,79 @@ class Pool(BasePool):
         launcher = ProcessLauncher(ctx, child_main, settings.max_message_bytes)
         return Supervisor(
             settings, spec_for_slot, launcher, scheduler, hooks, short_lanes=settings.short_task_reserve,
+            memory=self._build_memory(),
         )
+
+    def _build_memory(self) -> MemoryControl | None:
+        """The memory guard's books, with every limit resolved to bytes now (a share of the
+        container's memory limit, or of the host's memory without one)."""
+        settings = self.settings
+        if not settings.memory_interval:
+            return None
+        source = SystemMemorySource.from_setting(settings.memory_cgroup)
+        total = source.total()
+
+        def resolve(name: str, amount: MemoryAmount | None) -> int | None:
+            if amount is None:
+                return None
+            value = amount.resolve(total)
+            if value is None:
+                raise SettingsError(name, amount.text, "a share needs the memory limit, which could not be read")
+            return value
+
+        soft = resolve("adaptive_memory_soft_limit", settings.memory_soft_limit)
+        hard = resolve("adaptive_memory_hard_limit", settings.memory_hard_limit)
+        if soft is not None and hard is not None and soft >= hard:
+            raise SettingsError("adaptive_memory_soft_limit", settings.memory_soft_limit.text if
+                                settings.memory_soft_limit else soft,
+                                f"resolves to {format_bytes(soft)}, not below adaptive_memory_hard_limit "
+                                f"({format_bytes(hard)})")
+        heavy = resolve("adaptive_memory_heavy_task", settings.memory_heavy_task) or 1
+        config = MemoryConfig(
+            interval=settings.memory_interval,
+            soft_limit=soft,
+            hard_limit=hard,
+            soft_text=settings.memory_soft_limit.text if settings.memory_soft_limit else "",
+            hard_text=settings.memory_hard_limit.text if settings.memory_hard_limit else "",
+            admission=settings.memory_admission_threshold,
+            heavy_task=heavy,
+            task_memory=settings.task_memory,
+        )
+        self._memory_source = source
+        where = f"{source.describe()}, {format_bytes(total)}"
+        if config.enforces:
+            logger.info("Memory guard: %s (memory of %s)", config.describe(total), where)
+        if hard is not None and total is not None and hard >= total:
+            logger.warning("adaptive_memory_hard_limit=%s is not below the memory there is (%s): the "
+                           "kernel's OOM killer may act first", config.hard_text, where)
+        return MemoryControl(config)
+
+    def _start_memory_watcher(self) -> None:
+        sup = self.supervisor
+        if sup is None or sup.memory is None:
+            return
+        memory = sup.memory
+
+        def deliver(sample: Any) -> None:  # on the watcher's thread: hand over, nothing else
+            sup.reactor.post(lambda: sup.on_memory_sample(sample))
+
+        self.memory_watcher = MemoryWatcher(
+            sup.children, deliver, self._memory_source, memory.config.interval, sup.clock,
+            hurry=lambda: memory.waiting,
+        )
+        memory.poke = self.memory_watcher.poke
+        self.memory_watcher.start()
+
+    def _stop_memory_watcher(self) -> None:
+        if self.memory_watcher is not None:
+            self.memory_watcher.stop()
+
+    def _on_memory_event(self, kind: str, fields: dict[str, Any]) -> None:
+        """A memory limit hit or an admission change (on the event loop): a Celery event."""
+        try:
+            send_memory_event(self.consumer, kind, fields)
+        except Exception as exc:  # the event connection is Celery's; it reconnects
+            logger.debug("Could not send the memory event %s (%s)", kind, exc)
 
     def _on_job_done(self, job: Job, runtime: float | None) -> None:
         """Every job's end (runtime None when it did not finish by itself). On the event loop."""
@@ -267,7 +349,7 @@ class Pool(BasePool):
         sup = self.supervisor
         self.autoscaler = AdaptiveAutoscaler(
             self.settings, self.resize_to, lambda: sup.target, sup.jobs_queued, sup.running_ages,
-            sup.oldest_wait,
+            sup.oldest_wait, memory_pressure=sup.memory_pressure,
         )
         explicit = self.app.conf.get("adaptive_min_children") or self.app.conf.get("adaptive_max_children")
         if celery_autoscaler is not None and not explicit:
@@ -373,6 +455,7 @@ class Pool(BasePool):
             warm_up_parent()  # children then start in ~15 ms, not ~100 ms
         self.supervisor = self._build_supervisor()
         self.supervisor.start()
+        self._start_memory_watcher()
         self.metrics = start_metrics(self, self._initargs[1] if len(self._initargs) > 1 else None)
 
     def did_start_ok(self) -> bool:
@@ -482,6 +565,7 @@ class Pool(BasePool):
         self._stop_autoscaler()
         self._stop_metrics()
         if self.supervisor is None:
+            self._stop_memory_watcher()
             return
         from kombu.asynchronous import get_event_loop
 
@@ -495,11 +579,14 @@ class Pool(BasePool):
                     logger.debug("timer error during pool stop", exc_info=True)
                 _run_ready_ack_callbacks(hub)
 
+        # The watcher keeps reading while running tasks finish: their limits still hold.
         self.supervisor.join(run_ready)
+        self._stop_memory_watcher()
 
     def on_terminate(self) -> None:
         self._stop_autoscaler()
         self._stop_metrics()
+        self._stop_memory_watcher()
         if self.supervisor is not None:
             self.supervisor.terminate()
 
@@ -515,6 +602,7 @@ class Pool(BasePool):
         settings = self.settings
         sup = self.supervisor
         children = sup.children() if sup is not None else []
+        readings = sup.memory.readings if sup is not None and sup.memory is not None else {}
         info.update(
             {
                 "max-concurrency": sup.target if sup is not None else self.limit,
@@ -540,6 +628,7 @@ class Pool(BasePool):
                         "state": c.state.value,
                         "tasks": c.tasks_done,
                         "lane": c.lane,
+                        **({"rss": readings[c.child_id].rss} if c.child_id in readings else {}),
                     }
                     for c in children
                     if c.state is not ChildState.DEAD
@@ -550,6 +639,8 @@ class Pool(BasePool):
             info["autoscaler"] = self.autoscaler.state()
         if self.metrics is not None:
             info["metrics"] = self.metrics.summary()
+        if sup is not None and sup.memory is not None:
+            info["memory"] = sup.memory.describe(sup.clock.now())
         if sup is not None:
             info["counters"] = dict(sup.counters)
             counters = sup.scheduler.counters()

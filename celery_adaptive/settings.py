@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery_adaptive.errors import SettingsError
+from celery_adaptive.memory.sizes import MemoryAmount, parse_amount
 
 DEFAULTS: dict[str, Any] = {
     "adaptive_cpu_placement": "spread",
@@ -44,6 +45,13 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_metrics_stream_length": 1000,
     "adaptive_metrics_prometheus_port": None,
     "adaptive_metrics_prometheus_address": "0.0.0.0",
+    "adaptive_memory_interval": 0.25,
+    "adaptive_memory_soft_limit": None,
+    "adaptive_memory_hard_limit": None,
+    "adaptive_memory_admission_threshold": None,
+    "adaptive_memory_heavy_task": "64MiB",
+    "adaptive_memory_cgroup": None,
+    "adaptive_task_memory": {},
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -71,6 +79,13 @@ DESCRIPTIONS: dict[str, str] = {
     "adaptive_metrics_stream_length": "entries kept in each worker's history stream",
     "adaptive_metrics_prometheus_port": "serve Prometheus metrics on this port (off when unset; needs prometheus-client)",
     "adaptive_metrics_prometheus_address": "address the Prometheus endpoint listens on",
+    "adaptive_memory_interval": "seconds between readings of the children's memory (0: no watcher, no limits)",
+    "adaptive_memory_soft_limit": "RSS per child ('512MiB', '1.5GB', '40%', or KiB) above which it finishes its task and is replaced",
+    "adaptive_memory_hard_limit": "RSS per child above which its task fails with MemoryLimitExceeded (a WorkerLostError) and it is killed",
+    "adaptive_memory_admission_threshold": "memory in use of the container (or host), '90%' or a size, above which no task starts",
+    "adaptive_memory_heavy_task": "learnt peak growth from which a task name is heavy: it starts only when it fits",
+    "adaptive_memory_cgroup": "cgroup directory whose memory counts (default: this process's own with a limit, else the host; 'host')",
+    "adaptive_task_memory": "{task name: expected peak growth} used until the pool has measured one",
 }
 
 
@@ -111,6 +126,14 @@ class PoolSettings:
     #: Celery's ``worker_lost_wait``: how long a dead child's pipe may still deliver results
     #: before its accepted, unfinished jobs fail with WorkerLostError.
     lost_wait: float = 10.0
+    #: The memory guard (celery_adaptive.memory); limits are resolved to bytes at the start.
+    memory_interval: float = 0.25
+    memory_soft_limit: MemoryAmount | None = None
+    memory_hard_limit: MemoryAmount | None = None
+    memory_admission_threshold: MemoryAmount | None = None
+    memory_heavy_task: MemoryAmount = MemoryAmount("64MiB", size=64 * 1024 * 1024)
+    memory_cgroup: str | None = None
+    task_memory: Mapping[str, int] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -227,6 +250,51 @@ def _lost_wait(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) -> flo
     return _float("worker_lost_wait", value, positive=False) or CELERY_LOST_WAIT
 
 
+def _optional_amount(conf: Mapping[str, Any] | Any, name: str) -> MemoryAmount | None:
+    value = _conf(conf, name)
+    if value is None or value == "" or value == 0:
+        return None
+    return parse_amount(name, value)
+
+
+def _memory(conf: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """The memory guard's settings, checked against each other."""
+    interval = _float("adaptive_memory_interval", _conf(conf, "adaptive_memory_interval"), positive=False)
+    soft = _optional_amount(conf, "adaptive_memory_soft_limit")
+    hard = _optional_amount(conf, "adaptive_memory_hard_limit")
+    admission = _optional_amount(conf, "adaptive_memory_admission_threshold")
+    heavy = parse_amount("adaptive_memory_heavy_task", _conf(conf, "adaptive_memory_heavy_task"))
+    if not interval and (soft or hard or admission):
+        raise SettingsError("adaptive_memory_interval", interval,
+                            "must be > 0 while a memory limit or admission threshold is set")
+    if soft is not None and hard is not None:
+        sizes_crossed = soft.size is not None and hard.size is not None and soft.size >= hard.size
+        shares_crossed = soft.share is not None and hard.share is not None and soft.share >= hard.share
+        if sizes_crossed or shares_crossed:
+            raise SettingsError("adaptive_memory_soft_limit", soft.text,
+                                f"must be below adaptive_memory_hard_limit={hard.text!r}")
+    cgroup = _conf(conf, "adaptive_memory_cgroup")
+    if cgroup is not None and (not isinstance(cgroup, str) or not cgroup):
+        raise SettingsError("adaptive_memory_cgroup", cgroup, "expected a directory path or 'host'")
+    declared = _conf(conf, "adaptive_task_memory")
+    if not isinstance(declared, Mapping) or not all(isinstance(k, str) for k in declared):
+        raise SettingsError("adaptive_task_memory", declared, "expected {task name: size}")
+    task_memory = {}
+    for task_name, value in declared.items():
+        amount = parse_amount(f"adaptive_task_memory[{task_name!r}]", value, allow_share=False)
+        assert amount.size is not None
+        task_memory[task_name] = amount.size
+    return {
+        "memory_interval": interval or 0.0,
+        "memory_soft_limit": soft,
+        "memory_hard_limit": hard,
+        "memory_admission_threshold": admission,
+        "memory_heavy_task": heavy,
+        "memory_cgroup": cgroup,
+        "task_memory": task_memory,
+    }
+
+
 def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) -> PoolSettings:
     """Validate ``app.conf`` plus the pool's constructor options into a `PoolSettings`.
 
@@ -312,6 +380,7 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
         max_message_bytes=_int(
             "adaptive_max_message_bytes", _conf(conf, "adaptive_max_message_bytes"), 1024
         ) or DEFAULTS["adaptive_max_message_bytes"],
+        **_memory(conf),
     )
 
 

@@ -15,6 +15,8 @@ from typing import Any
 from celery_adaptive.metrics.snapshot import Snapshot
 
 EVENT_TYPE = "worker-adaptive-metrics"
+#: One per memory limit hit and admission pause or resume (see `celery_adaptive.memory`).
+MEMORY_EVENT_TYPE = "worker-adaptive-memory"
 
 #: Names Celery's dispatcher sets itself, or that State/Flower read from worker events (or
 #: that are attributes/methods of their Worker object).
@@ -43,4 +45,17 @@ def send_metrics_event(consumer: Any, snapshot: Snapshot) -> bool:
     if dispatcher is None or not getattr(dispatcher, "enabled", False):
         return False
     dispatcher.send(EVENT_TYPE, **event_fields(snapshot))
+    return True
+
+
+def send_memory_event(consumer: Any, kind: str, fields: dict[str, Any]) -> bool:
+    """``worker-adaptive-memory`` with ``kind`` (hard-limit, soft-limit, admission-paused,
+    admission-resumed) and plain fields (pids, bytes, task name and id; never arguments)."""
+    dispatcher = getattr(consumer, "event_dispatcher", None)
+    if dispatcher is None or not getattr(dispatcher, "enabled", False):
+        return False
+    clash = RESERVED_FIELDS.intersection(fields)
+    if clash:  # a programming error, as for the metrics event
+        raise ValueError(f"memory event fields reuse reserved names: {sorted(clash)}")
+    dispatcher.send(MEMORY_EVENT_TYPE, kind=kind, **fields)
     return True

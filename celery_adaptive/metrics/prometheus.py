@@ -33,6 +33,22 @@ celery_adaptive_child_tasks_total (counter)    pid                    tasks done
 celery_adaptive_host_cpu_percent                                      whole host
 celery_adaptive_host_load_average              period (1m, 5m, 15m)
 celery_adaptive_host_memory_percent
+celery_adaptive_child_uss_bytes                pid                    unique memory (watcher)
+celery_adaptive_child_pss_bytes                pid                    proportional set size
+celery_adaptive_memory_used_bytes                                     container (or host) memory
+                                                                      in use, as admission reads it
+celery_adaptive_memory_limit_bytes                                    its limit
+celery_adaptive_memory_admission_threshold_bytes                      no task starts above it
+celery_adaptive_memory_admission_paused                               1 while paused
+celery_adaptive_memory_admission_pauses_total  (counter)              pauses since start
+celery_adaptive_memory_paused_seconds_total    (counter)              time paused
+celery_adaptive_memory_held                                           heavy tasks held until
+                                                                      they fit
+celery_adaptive_memory_limit_hits_total        limit (soft, hard)     children over a limit
+  (counter)
+celery_adaptive_memory_stopped_tasks_total                            tasks failed with
+  (counter)                                                           MemoryLimitExceeded
+celery_adaptive_task_memory_growth_bytes       task                   learnt peak RSS growth
 celery_adaptive_autoscaler_predicted_rate                             forecast tasks/s
 celery_adaptive_snapshot_timestamp_seconds                            when it was measured
 =============================================  =====================  ==========================
@@ -115,8 +131,14 @@ def families(snapshot: Snapshot) -> list[Any]:
     rss = gauge_family("child_rss_bytes", "Resident memory of each child.", ["pid"])
     util = gauge_family("child_utilization", "Busy fraction of each child over the interval.", ["pid"])
     done = counter_family("child_tasks", "Tasks done by each child.", ["pid"])
+    uss = gauge_family("child_uss_bytes", "Unique memory of each child (what its exit frees).", ["pid"])
+    pss = gauge_family("child_pss_bytes", "Proportional set size of each child.", ["pid"])
     for child in snapshot.children:
         pid = str(child.pid)
+        if child.uss_bytes is not None:
+            uss.add_metric([worker, pid], child.uss_bytes)
+        if child.pss_bytes is not None:
+            pss.add_metric([worker, pid], child.pss_bytes)
         if child.cpu_percent is not None:
             cpu.add_metric([worker, pid, "" if child.cpu is None else str(child.cpu)], child.cpu_percent)
         if child.rss_bytes is not None:
@@ -132,11 +154,43 @@ def families(snapshot: Snapshot) -> list[Any]:
         load = gauge_family("host_load_average", "Host load average.", ["period"])
         for period, value in zip(("1m", "5m", "15m"), host.load_average, strict=True):
             load.add_metric([worker, period], value)
+    _memory_families(snapshot, gauge, gauge_family, counter_family)
     forecast = (snapshot.autoscaler or {}).get("forecast")
     if isinstance(forecast, Mapping):
         gauge("autoscaler_predicted_rate", "The autoscaler's forecast, tasks/s.", forecast.get("predicted_rate"))
     gauge("snapshot_timestamp_seconds", "When the snapshot was measured (epoch).", snapshot.taken_at)
     return out
+
+
+def _memory_families(snapshot: Snapshot, gauge: Callable[..., None], gauge_family: Callable[..., Any],
+                     counter_family: Callable[..., Any]) -> None:
+    """The memory guard's figures (only when its watcher runs)."""
+    memory = snapshot.memory
+    if not memory:
+        return
+    worker = snapshot.hostname
+    gauge("memory_used_bytes", "Memory in use of the container's cgroup (or the host), as admission reads it.",
+          memory.get("used_bytes"))
+    gauge("memory_limit_bytes", "The container's memory limit (or the host's memory).", memory.get("limit_bytes"))
+    gauge("memory_admission_threshold_bytes", "Memory in use above which no task starts.",
+          memory.get("threshold_bytes"))
+    gauge("memory_admission_paused", "1 while no task starts because memory is over the threshold.",
+          1 if memory.get("admission") == "paused" else 0)
+    gauge("memory_held", "Heavy tasks held in the pool until their memory fits.", memory.get("held"))
+    pauses = counter_family("memory_admission_pauses", "Admission pauses since the worker started.", [])
+    pauses.add_metric([worker], memory.get("pauses", 0))
+    paused = counter_family("memory_paused_seconds", "Seconds admission was paused since the worker started.", [])
+    paused.add_metric([worker], memory.get("paused_s", 0.0))
+    hits = counter_family("memory_limit_hits", "Children found over a memory limit.", ["limit"])
+    for limit in ("soft", "hard"):
+        hits.add_metric([worker, limit], snapshot.counters.get(f"memory_{limit}_limit", 0))
+    stopped = counter_family("memory_stopped_tasks", "Tasks failed with MemoryLimitExceeded.", [])
+    stopped.add_metric([worker], snapshot.counters.get("memory_stopped_tasks", 0))
+    growth = gauge_family("task_memory_growth_bytes", "Learnt peak RSS growth per task name.", ["task"])
+    tasks = memory.get("tasks")
+    if isinstance(tasks, Mapping):
+        for task, value in sorted(tasks.items()):
+            growth.add_metric([worker, str(task)], float(value))
 
 
 class _Collector:

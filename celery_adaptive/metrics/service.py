@@ -161,6 +161,8 @@ class MetricsService:
         depths = scheduler.queue_depths()
         steals = scheduler.steals_by_child()
         running_jobs = sup.running_jobs()  # on L: the running job of each child
+        memory = getattr(sup, "memory", None)
+        readings = memory.readings if memory is not None else {}
         children: list[ChildReading] = []
         for child in sup.children():
             if child.state is ChildState.DEAD:
@@ -171,6 +173,7 @@ class MetricsService:
             job = running_jobs.get(child.child_id)
             if job is not None and job.accepted_at is not None:
                 task_name, running = job.task_name, max(0.0, now - job.accepted_at)
+            measured = readings.get(child.child_id)
             children.append(
                 ChildReading(
                     child_id=child.child_id, pid=child.pid, slot=child.slot, cpu=child.cpu,
@@ -178,6 +181,8 @@ class MetricsService:
                     tasks_done=child.tasks_done, busy_total_s=busy,
                     local_queue=depths.get(child.child_id, 0), steals=steals.get(child.child_id, 0),
                     task_name=task_name, task_running_s=running,
+                    uss_bytes=measured.uss if measured is not None else None,
+                    pss_bytes=measured.pss if measured is not None else None,
                 )
             )
         counters = scheduler.counters()
@@ -208,6 +213,7 @@ class MetricsService:
             autoscaler=describe_autoscaler(scaler, now),
             broker_queues=self._queue_names() if self._broker_backlog is not None else (),
             broker_backlog=getattr(probe, "value", None),
+            memory=memory.describe(now) if memory is not None else None,
         )
 
     def _queue_names(self) -> tuple[str, ...]:

@@ -71,6 +71,9 @@ class ChildReading:
     steals: int
     task_name: str | None = None
     task_running_s: float | None = None
+    uss_bytes: int | None = None
+    """Unique and proportional set sizes, from the memory watcher (when it reads them)."""
+    pss_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class PoolReading:
     broker_queues: tuple[str, ...] = ()
     broker_backlog: int | None = None
     """Messages waiting in the broker, when something on L already knows (the autoscaler)."""
+    memory: Mapping[str, Any] | None = None
+    """The memory guard's state (`MemoryControl.describe`), when the watcher runs."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,8 @@ class ChildMetrics:
     steals: int
     task_name: str | None
     task_running_s: float | None
+    uss_bytes: int | None = None
+    pss_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,7 @@ class Snapshot:
     children: tuple[ChildMetrics, ...]
     host: HostReading
     autoscaler: Mapping[str, Any] | None = None
+    memory: Mapping[str, Any] | None = None
     schema: int = field(default=SCHEMA_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,6 +220,7 @@ class Snapshot:
             "children": [dataclasses.asdict(c) for c in self.children],
             "host": dataclasses.asdict(self.host),
             "autoscaler": dict(self.autoscaler) if self.autoscaler else None,
+            "memory": dict(self.memory) if self.memory else None,
         }
         return prune_none(data)
 
@@ -240,6 +249,9 @@ class Snapshot:
             change = self.autoscaler.get("change")
             if isinstance(change, Mapping):
                 out["last_scaling"] = change.get("reason")
+        if self.memory:
+            for key in ("admission", "used_bytes", "limit_bytes", "held", "pauses", "paused_s"):
+                out[f"memory_{key}"] = self.memory.get(key)
         return prune_none(out)
 
 
@@ -456,6 +468,7 @@ class Aggregator:
                     tasks_done=child.tasks_done, utilization=util, cpu_percent=proc.cpu_percent,
                     rss_bytes=proc.rss_bytes, local_queue=child.local_queue, steals=child.steals,
                     task_name=child.task_name, task_running_s=child.task_running_s,
+                    uss_bytes=child.uss_bytes, pss_bytes=child.pss_bytes,
                 )
             )
         self._busy_before = seen
@@ -503,6 +516,7 @@ class Aggregator:
             children=tuple(children),
             host=host or HostReading(),
             autoscaler=reading.autoscaler,
+            memory=reading.memory,
         )
 
 

@@ -9,6 +9,8 @@ Parts, one concern each::
     deadlines            time limits, start/exit timeouts, drains, autoscaler ticks (a heap)
     reactor.Reactor      where the supervisor runs: Celery's hub, or one thread of its own
     launcher             forks (or spawns) a child with its two pipes
+    memory.MemoryControl what a memory reading means (limits, admission, heavy tasks held);
+                         the readings come from celery_adaptive.memory's watcher thread
 
 Threads and who may touch what::
 
@@ -20,8 +22,11 @@ Threads and who may touch what::
     hub timer (earliest deadline) ─> Supervisor.run_due: time limits, timeouts, respawn
         └─> Celery callbacks (accept, result, failure, timeout) on the same thread
 
-    other threads (backlog probe, metrics sampler): Reactor.post(callback) only; read
-    snapshots (`children()`), never the state itself
+    other threads (backlog probe, metrics sampler, memory watcher): Reactor.post(callback)
+    only; read snapshots (`children()`), never the state itself
+    memory watcher ─ MemorySample ─> Reactor.post ─> Supervisor.on_memory_sample: kill over
+        the hard limit (the task fails with MemoryLimitExceeded), drain over the soft limit,
+        pause/resume admission (`_dispatch` starts nothing while paused)
 
 With a hub (every Redis/AMQP worker) the supervisor runs on the hub's thread and no thread of
 ours exists. Before the hub is attached, and for transports without one, one ``adaptive-io``

@@ -22,8 +22,10 @@ from typing import Any
 from celery_adaptive import protocol
 from celery_adaptive.child import ChildSpec
 from celery_adaptive.clock import Clock, MonotonicClock
-from celery_adaptive.errors import ProtocolError
+from celery_adaptive.errors import MemoryLimitExceeded, ProtocolError
 from celery_adaptive.jobs import Job
+from celery_adaptive.memory.sample import MemorySample
+from celery_adaptive.memory.sizes import format_bytes
 from celery_adaptive.protocol import (
     ChildExiting,
     ChildReady,
@@ -37,6 +39,7 @@ from celery_adaptive.settings import PoolSettings
 from celery_adaptive.supervisor.children import Child, ChildState, ChildTable
 from celery_adaptive.supervisor.deadlines import Deadline, DeadlineHeap
 from celery_adaptive.supervisor.launcher import Launcher
+from celery_adaptive.supervisor.memory import MemoryControl, OverHardLimit, Recycle
 from celery_adaptive.supervisor.reactor import Reactor
 
 logger = logging.getLogger("celery_adaptive.supervisor")
@@ -96,6 +99,8 @@ class SupervisorHooks:
     on_child_started: Callable[[Child], None] = lambda child: None
     on_child_gone: Callable[[Child, int | None], None] = lambda child, code: None
     on_job_done: Callable[[Job, float | None], None] = lambda job, runtime: None
+    #: A memory limit hit or an admission pause/resume: (kind, plain fields, never arguments).
+    on_memory_event: Callable[[str, dict[str, Any]], None] = lambda kind, fields: None
 
 
 class Supervisor:
@@ -109,6 +114,7 @@ class Supervisor:
         clock: Clock | None = None,
         short_lanes: int = 0,
         send_signal: Callable[[int, int], None] = os.kill,
+        memory: MemoryControl | None = None,
     ) -> None:
         self.settings = settings
         self.scheduler = scheduler
@@ -136,10 +142,13 @@ class Supervisor:
         self._respawn_timer: Deadline | None = None
         self._steal_timer: Deadline | None = None
         self._spawn_pending = False
+        # The memory guard's books (None: no memory watcher); fed by on_memory_sample.
+        self.memory = memory
         self.counters: Counter[str] = Counter(
             received=0, started=0, succeeded=0, failed=0, lost=0, revoked_before_start=0,
             children_started=0, children_exited=0, children_crashed=0, hard_timeouts=0,
-            soft_timeouts=0, bad_messages=0,
+            soft_timeouts=0, bad_messages=0, memory_soft_limit=0, memory_hard_limit=0,
+            memory_stopped_tasks=0, admission_pauses=0,
         )
 
     # ================================================================== lifecycle
@@ -166,6 +175,14 @@ class Supervisor:
         """Drop every job no child has received; the broker redelivers their messages."""
         with self._lock:
             dropped = [self._jobs.pop(job_id) for job_id in self.scheduler.flush()]
+            if self.memory is not None:
+                for job in dropped:
+                    self.memory.ended(job)
+                held = self.memory.flush()
+                for job in held:
+                    self._jobs.pop(job.job_id, None)
+                if held:
+                    dropped = sorted(dropped + held, key=lambda job: job.submitted_at)
         if dropped:
             logger.info("Dropped %d unstarted task(s); the broker will redeliver them", len(dropped))
         return dropped
@@ -268,7 +285,9 @@ class Supervisor:
         with self._lock:
             self._jobs[job.job_id] = job
             self.counters["received"] += 1
-            self.scheduler.submit(job.job_id, job.task_name, job.affinity_key, job.submitted_at)
+            # A task name known to need a lot of memory waits for it outside the scheduler.
+            if self.memory is None or not self.memory.holds(job):
+                self.scheduler.submit(job.job_id, job.task_name, job.affinity_key, job.submitted_at)
             if self.short_lanes and not self.live_lanes():
                 self._maintain_lanes()
             self._dispatch()
@@ -330,13 +349,19 @@ class Supervisor:
             return self.scheduler.in_flight_count()
 
     def jobs_queued(self) -> int:
+        """Tasks in the pool that no child has yet (heavy ones held for memory included)."""
         with self._lock:
-            return self.scheduler.queued_count()
+            held = self.memory.held_count() if self.memory is not None else 0
+            return self.scheduler.queued_count() + held
 
     def oldest_wait(self, now: float) -> float:
         """Seconds the longest-waiting queued task has waited so far (0 when none waits)."""
         with self._lock:
             oldest = self.scheduler.oldest_queued_at()
+            if self.memory is not None:
+                held = self.memory.oldest_held_at()
+                if held is not None and (oldest is None or held < oldest):
+                    oldest = held
         return 0.0 if oldest is None else max(0.0, now - oldest)
 
     def running_jobs(self) -> dict[int, Job]:
@@ -675,6 +700,8 @@ class Supervisor:
             job = self._jobs.pop(job_id, None)
             if job is not None:
                 self._report_lost(job, exitcode)
+        if self.memory is not None:
+            self.memory.child_gone(child.child_id)
         if planned:
             logger.debug("Child pid=%s exited (%s)", child.pid, child.exit_reason)
         else:
@@ -735,7 +762,7 @@ class Supervisor:
         if len(lanes) > wanted:
             for child in self._drain_candidates(lanes)[: len(lanes) - wanted]:
                 self._drain(child, "no long tasks lately")
-        elif len(lanes) < wanted and not self._start_failures:
+        elif len(lanes) < wanted and not self._start_failures and self._admitting():
             self._spawn_children(wanted - len(lanes), lane=True)
 
     def _periodic(self) -> None:
@@ -759,9 +786,19 @@ class Supervisor:
         return sorted(live, key=rank)
 
     # ================================================================== jobs on children
+    def _admitting(self) -> bool:
+        """May tasks start (and the pool grow)? Not while memory is over the threshold."""
+        return self.memory is None or self.memory.admission.open
+
     def _dispatch(self) -> None:
         if self._closing or self._stopped:
             return
+        memory = self.memory
+        if memory is not None:
+            if not memory.admission.open:
+                return  # tasks wait in the pool until memory falls (on_memory_sample)
+            for job in memory.release():
+                self.scheduler.submit(job.job_id, job.task_name, job.affinity_key, job.submitted_at)
         now = self.clock.now()
         for _round in range(MAX_DISPATCH_ROUNDS):
             dispatches = self.scheduler.dispatch(now)
@@ -778,6 +815,8 @@ class Supervisor:
                     # Celery acked it and recorded REVOKED (or expired): forget it.
                     self.scheduler.finished(d.job_id, now)
                     del self._jobs[d.job_id]
+                    if memory is not None:
+                        memory.ended(job)
                     self.counters["revoked_before_start"] += 1
                     skipped = True
                     continue
@@ -794,6 +833,8 @@ class Supervisor:
             # Arguments that cannot be pickled: the task fails, the child is untouched.
             self.scheduler.finished(job.job_id, self.clock.now())
             self._jobs.pop(job.job_id, None)
+            if self.memory is not None:
+                self.memory.ended(job)
             job.reported = True
             self.counters["failed"] += 1
             self._call(job.error_callback, _einfo(exc))
@@ -833,6 +874,8 @@ class Supervisor:
         job.pid, job.accepted_at = message.pid, message.started_at
         self._running[child.child_id] = job
         self.scheduler.accepted(job.job_id, self.clock.now())
+        if self.memory is not None:
+            self.memory.started(job, child.child_id)
         self.counters["started"] += 1
         self._call(job.accept_callback, message.pid, message.started_at)
         # Limits count from the child's own start stamp (same monotonic clock), so a parent
@@ -893,6 +936,8 @@ class Supervisor:
         if self._running.get(child.child_id) is job:
             del self._running[child.child_id]
         self._cancel_job_timers(job)
+        if self.memory is not None:
+            self.memory.ended(job)
         child.tasks_done += 1
         now = self.clock.now()
         self.scheduler.finished(job.job_id, now, message.runtime)
@@ -916,6 +961,8 @@ class Supervisor:
 
     def _report_lost(self, job: Job, exitcode: int | None) -> None:
         self._cancel_job_timers(job)
+        if self.memory is not None:
+            self.memory.ended(job)
         if job.reported:
             return
         job.reported = True
@@ -930,6 +977,98 @@ class Supervisor:
         self.counters["lost"] += 1
         error = WorkerLostError(f"Worker exited prematurely: {describe_exitcode(exitcode)} Job: {job.job_id}.")
         self._call(job.error_callback, _einfo(error))
+
+    # ================================================================== memory
+    def on_memory_sample(self, sample: MemorySample) -> None:
+        """A reading of the memory watcher (posted to this thread): stop a child over the hard
+        limit, drain one over the soft limit, pause or resume admission, learn task peaks."""
+        with self._lock:
+            memory = self.memory
+            if memory is None or self._stopped:
+                return
+            actions, change = memory.assess(sample, self.children_table.get)
+            for action in actions:
+                if isinstance(action, OverHardLimit):
+                    self._over_hard_memory_limit(action, sample.at)
+                elif isinstance(action, Recycle):
+                    self._recycle_for_memory(action)
+            if change is not None:
+                self._admission_changed(change)
+            if actions:
+                self._maintain()  # the replacements start now, not when the children exit
+            self._dispatch()
+
+    def memory_pressure(self) -> str | None:
+        """Why no task starts now (memory over the admission threshold), or None."""
+        return None if self.memory is None else self.memory.pressure()
+
+    def _over_hard_memory_limit(self, action: OverHardLimit, read_at: float) -> None:
+        child, reading = action.child, action.reading
+        # What it already wrote comes first: a result (the reading was of a finished task) or
+        # an acceptance (a task that started after the reading is not the one to blame).
+        self._read_child(child)
+        assert self.memory is not None
+        if not child.alive or child.state is ChildState.KILLED or not self.memory.current(child, reading, read_at):
+            return
+        if child.ready_at is not None and child.child_id in self.scheduler.children() and any(
+            self.scheduler.state_of(job_id) is JobState.SENT
+            for job_id in self.scheduler.window_of(child.child_id)
+        ):
+            # A task handed over and not yet acknowledged may be starting this very moment:
+            # killing now could run it twice (it would be requeued as never started). The next
+            # reading, within the interval, finds it started or not taken.
+            return
+        self.counters["memory_hard_limit"] += 1
+        limit_text = self.memory.config.hard_text or format_bytes(action.limit)
+        detail = (f"RSS {format_bytes(reading.rss)} ({reading.rss} bytes) is over "
+                  f"adaptive_memory_hard_limit={limit_text} ({action.limit} bytes)")
+        job = action.job
+        fields: dict[str, Any] = {"child_pid": child.pid, "rss_bytes": reading.rss, "limit_bytes": action.limit}
+        if job is not None and self._running_on(job.job_id, child.child_id) is not None:
+            self.counters["memory_stopped_tasks"] += 1
+            job.reported = True
+            self.hooks.on_job_done(job, None)
+            message = f"Task {job.task_name}[{job.correlation_id}] stopped: its pool child pid={child.pid} {detail}"
+            logger.error("%s; killing the child", message)
+            self._call(job.error_callback, _einfo(MemoryLimitExceeded(message, reading.rss, action.limit)))
+            fields.update(task=job.task_name, task_id=job.correlation_id)
+        else:
+            logger.error("Child pid=%s %s; killing it", child.pid, detail)
+        child.exit_reason = "memory hard limit"
+        # SIGKILL at once: the memory is what is running out, not the time for a clean exit.
+        self._kill(child, "memory hard limit", signal.SIGKILL)
+        self.hooks.on_memory_event("hard-limit", fields)
+
+    def _recycle_for_memory(self, action: Recycle) -> None:
+        child, reading = action.child, action.reading
+        if child.state not in (ChildState.IDLE, ChildState.BUSY):
+            return
+        assert self.memory is not None
+        self.counters["memory_soft_limit"] += 1
+        limit_text = self.memory.config.soft_text or format_bytes(action.limit)
+        logger.warning("Child pid=%s RSS %s is over adaptive_memory_soft_limit=%s: it finishes its "
+                       "task and is replaced", child.pid, format_bytes(reading.rss), limit_text)
+        self._drain(child, "memory soft limit")
+        self.hooks.on_memory_event("soft-limit", {"child_pid": child.pid, "rss_bytes": reading.rss,
+                                                  "limit_bytes": action.limit})
+
+    def _admission_changed(self, change: str) -> None:
+        assert self.memory is not None
+        system = self.memory.system
+        fields: dict[str, Any] = {}
+        if system is not None:
+            fields = {"used_bytes": system.used, "limit_bytes": system.limit, "source": system.source}
+            threshold = self.memory.admission.threshold_bytes(system)
+            if threshold is not None:
+                fields["threshold_bytes"] = threshold
+        if change == "paused":
+            self.counters["admission_pauses"] += 1
+            logger.warning("No task starts until memory falls: %s", self.memory.admission.reason)
+            self.hooks.on_memory_event("admission-paused", fields)
+        else:
+            used = format_bytes(system.used) if system is not None else "unknown"
+            logger.info("Memory in use is down to %s: tasks start again", used)
+            self.hooks.on_memory_event("admission-resumed", fields)
 
     def _cancel_job_timers(self, job: Job) -> None:
         for timer in (job.soft_timer, job.hard_timer):

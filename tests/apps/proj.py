@@ -122,6 +122,55 @@ def allocate(megabytes: int) -> int:
     return os.getpid()
 
 
+# -- the memory guard (tests/integration/test_memory.py) ---------------------------------------
+def _grow_to(token: str, megabytes: int, step_mb: int, pause: float) -> list[bytearray]:
+    """Allocate (and touch) ``megabytes`` in steps, noting each step's total in Redis first,
+    so a test knows how far a task got before it was stopped."""
+    import redis
+
+    client = redis.Redis.from_url(backend)
+    blocks: list[bytearray] = []
+    for total in range(step_mb, megabytes + 1, step_mb):
+        client.rpush(f"grown:{token}", total)
+        block = bytearray(step_mb * 1024 * 1024)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        blocks.append(block)
+        time.sleep(pause)
+    return blocks
+
+
+@app.task
+def grow(token: str, megabytes: int, step_mb: int = 10, pause: float = 0.02) -> int:
+    _grow_to(token, megabytes, step_mb, pause)
+    return os.getpid()
+
+
+@app.task(acks_late=True, reject_on_worker_lost=True)
+def grow_first_time(token: str, megabytes: int, step_mb: int = 10, pause: float = 0.02) -> int:
+    """Grows past any limit the first time it runs; a redelivery returns its run number."""
+    import redis
+
+    run = int(redis.Redis.from_url(backend).rpush(f"runs:{token}", os.getpid()))
+    if run == 1:
+        _grow_to(token, megabytes, step_mb, pause)
+    return run
+
+
+@app.task
+def hold_memory(token: str, megabytes: int, seconds: float) -> int:
+    """Hold ``megabytes`` for ``seconds``; notes its start and end in Redis (for overlap)."""
+    import redis
+
+    client = redis.Redis.from_url(backend)
+    client.rpush(f"spans:{token}", f"start {time.time()} {os.getpid()}")
+    blocks = _grow_to(token, megabytes, megabytes, 0.0)
+    time.sleep(seconds)
+    client.rpush(f"spans:{token}", f"end {time.time()} {os.getpid()}")
+    del blocks
+    return os.getpid()
+
+
 @app.task
 def unpicklable() -> Any:
     return lambda: None

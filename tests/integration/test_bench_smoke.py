@@ -30,6 +30,18 @@ def test_schedules_are_seeded_and_pool_independent() -> None:
         assert [a.at for a in first.arrivals] == sorted(a.at for a in first.arrivals), name
 
 
+def test_the_memory_workload_sends_one_heavy_task_alone_then_pairs() -> None:
+    from bench.workloads import Sizing, build
+
+    workload = build("memory", Sizing(cpus=2, quick=False, seed=7))
+    heavy = [a.at for a in workload.arrivals if a.cls == "heavy"]
+    assert len(heavy) == 13 and heavy[0] == 0.5
+    # The first one has ended (1 s) before the first pair; each pair is 50 ms apart.
+    assert heavy[1] - heavy[0] > 1.0
+    assert [round(b - a, 3) for a, b in zip(heavy[1::2], heavy[2::2], strict=True)] == [0.05] * 6
+    assert all(a.args == (160.0, 1000.0) for a in workload.arrivals if a.cls == "heavy")
+
+
 def test_percentile_and_process_seconds_by_hand() -> None:
     from bench.metrics import percentile, process_seconds
     from bench.sampler import Sample

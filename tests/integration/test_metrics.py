@@ -121,7 +121,11 @@ def test_event_shows_a_busy_child_and_an_idle_one(worker_factory, broker):
     # The dispatcher's own fields are untouched (pid is the worker's), ours avoid reserved names.
     assert event["type"] == EVENT_TYPE and event["pid"] == worker.pid
     ours = set(event) - {"type", "hostname", "timestamp", "utcoffset", "pid", "clock", "local_received"}
-    assert ours == {"schema", "seq", "taken_at", "interval", "pool", "latency", "children", "host"}
+    assert ours == {"schema", "seq", "taken_at", "interval", "pool", "latency", "children", "host",
+                    "memory"}
+    # The memory watcher's view: admission, and the container's (or host's) memory.
+    assert event["memory"]["admission"] == "open"
+    assert 0 < event["memory"]["used_bytes"] < event["memory"]["limit_bytes"]
     assert not ours & RESERVED_FIELDS
 
     during = [e for e in capture.of(worker.hostname) if spinning(e)]

@@ -34,10 +34,12 @@ from celery_adaptive.supervisor import (
     IllegalTransition,
     Launched,
     Supervisor,
+    SupervisorHooks,
 )
 from celery_adaptive.supervisor.channel import FrameDecoder, encode_frame
 from celery_adaptive.supervisor.children import TRANSITIONS
 from celery_adaptive.supervisor.core import CHILD_EXIT_TIMEOUT_S, KILL_GRACE_S
+from celery_adaptive.supervisor.memory import MemoryControl
 
 _fds = itertools.count(10_000)  # never real descriptors: nothing polls them in this tier
 
@@ -117,16 +119,19 @@ class RecordingTable(ChildTable):
 
 
 class Harness:
-    def __init__(self, children: int = 2, **conf: Any) -> None:
+    def __init__(self, children: int = 2, memory: MemoryControl | None = None, **conf: Any) -> None:
         options = {"limit": children, "soft_timeout": conf.pop("soft", None), "timeout": conf.pop("hard", None)}
         self.settings = build_settings(conf, options)
         self.clock = FakeClock(100.0)
         self.launcher = FakeLauncher()
         self.signals: list[tuple[int, int]] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
         self.sup = Supervisor(
             self.settings, lambda slot: ChildSpec(slot, None, (), None, None, "fork", ()),
-            self.launcher, Scheduler(window=conf.pop("window", 1)), clock=self.clock,
-            send_signal=lambda pid, sig: self.signals.append((pid, sig)),
+            self.launcher, Scheduler(window=conf.pop("window", 1)),
+            hooks=SupervisorHooks(on_memory_event=lambda kind, fields: self.events.append((kind, fields))),
+            clock=self.clock, send_signal=lambda pid, sig: self.signals.append((pid, sig)),
+            memory=memory,
         )
         self.sup.children_table = RecordingTable()
         self.outcomes: list[tuple[str, Any]] = []

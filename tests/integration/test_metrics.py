@@ -176,8 +176,10 @@ def test_inspect_stats_and_top_show_the_worker(worker_factory, broker):
 
     def summary() -> dict[str, Any] | None:
         metrics = worker.pool_info().get("metrics") or {}
-        return metrics if metrics.get("completions_in_window", 0) >= 5 else None
+        published = (metrics.get("redis") or {}).get("published", 0)
+        return metrics if metrics.get("completions_in_window", 0) >= 5 and published >= 1 else None
 
+    # The publisher thread writes a moment after the snapshot: wait for both, do not race them.
     metrics = wait_until(summary, message="inspect stats to carry the metrics summary")
     json.dumps(metrics)
     assert metrics["redis"]["redis"] == "ok" and metrics["redis"]["published"] >= 1

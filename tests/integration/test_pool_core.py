@@ -313,7 +313,9 @@ def test_redis_restart_under_load_loses_nothing(worker_factory, private_redis, t
     private_redis.restart()  # a Redis without persistence: queued messages are gone; send after
     time.sleep(1.0)
     own._app = None
-    wait_until(worker.ping, timeout=40, interval=0.5, message="worker reconnected")
+    # Celery retries the broker with growing pauses (2 s, 4 s, 6 s, ...): on a loaded machine,
+    # where Redis takes a while to come back, the reconnect can take over 40 s.
+    wait_until(worker.ping, timeout=90, interval=0.5, message="worker reconnected")
     second = [own.send("add", i, i) for i in range(20)]
     assert [r.get(timeout=40) for r in second] == [2 * i for i in range(20)]
     assert len(worker.child_pids()) == 2

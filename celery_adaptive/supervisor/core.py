@@ -54,6 +54,8 @@ REAP_KILL_AFTER_S = 1.0
 #: Warm shutdown waits for running tasks (Celery's promise); this bounds the loop's turns
 #: (at 0.1 s each, about 11 days) so that no loop is unbounded.
 MAX_JOIN_TURNS = 10_000_000
+#: Head-of-line children stay this long (at least) after the head of line is clear again.
+LANE_GRACE_S = 1.0
 #: Dispatch rounds per call (a revoked task frees its slot for the next one).
 MAX_DISPATCH_ROUNDS = 1000
 
@@ -142,6 +144,8 @@ class Supervisor:
         self._respawn_timer: Deadline | None = None
         self._steal_timer: Deadline | None = None
         self._spawn_pending = False
+        self._head_of_line_clear_since: float | None = None
+        self._lane_timer: Deadline | None = None
         # The memory guard's books (None: no memory watcher); fed by on_memory_sample.
         self.memory = memory
         self.counters: Counter[str] = Counter(
@@ -288,7 +292,7 @@ class Supervisor:
             # A task name known to need a lot of memory waits for it outside the scheduler.
             if self.memory is None or not self.memory.holds(job):
                 self.scheduler.submit(job.job_id, job.task_name, job.affinity_key, job.submitted_at)
-            if self.short_lanes and not self.live_lanes():
+            if self.short_lanes:
                 self._maintain_lanes()
             self._dispatch()
 
@@ -753,17 +757,63 @@ class Supervisor:
         self._maintain()
 
     def _maintain_lanes(self) -> None:
+        """Head-of-line protection, without prediction: while every general child has been
+        running its current task for longer than the long-task threshold and work waits, add
+        up to ``short_lanes`` extra children (lanes); once a general child is free again, or
+        nothing waits, retire them (idle ones at once, busy ones after their task).
+
+        Triggered by what runs now, not by task names, so it also protects short calls that
+        share a name with long ones. The scheduler still uses per-name run times as a hint: a
+        lane does not take a task whose name is known to be long."""
         if not self.short_lanes:
             return
-        now = self.clock.now()
-        mixed = self.scheduler.long_tasks_recently(now) and self.scheduler.short_tasks_recently(now)
-        wanted = self.short_lanes if mixed else 0
         lanes = self.live_lanes()
+        now = self.clock.now()
+        if self._all_stuck_on_long_work() and self.scheduler.queued_count() > 0:
+            wanted = self.short_lanes
+            self._head_of_line_clear_since = None
+        else:
+            if self._head_of_line_clear_since is None:
+                self._head_of_line_clear_since = now
+            # Keep the lanes a little while: long work tends to come in runs, and a fork per
+            # long task would cost more than an idle child for a second.
+            grace = max(LANE_GRACE_S, 10 * self.scheduler.long_task_threshold)
+            if now - self._head_of_line_clear_since < grace:
+                pending = self._lane_timer
+                if lanes and (pending is None or pending.cancelled):
+                    self._lane_timer = self._timer(grace, self._on_lane_timer, "head-of-line grace")
+                return
+            wanted = 0
         if len(lanes) > wanted:
-            for child in self._drain_candidates(lanes)[: len(lanes) - wanted]:
-                self._drain(child, "no long tasks lately")
+            idle = [c for c in lanes if c.state in (ChildState.STARTING, ChildState.IDLE)]
+            busy_lanes = len(lanes) - len(idle)
+            for child in idle[: len(lanes) - max(wanted, 0)]:
+                self._drain(child, "head of line clear")
+            if wanted == 0 and busy_lanes and not self.scheduler.queued_count():
+                for child in lanes:
+                    if child.state is ChildState.BUSY:
+                        self._drain(child, "head of line clear")
         elif len(lanes) < wanted and not self._start_failures and self._admitting():
+            logger.info("Every child has run a long task for over %gs and %d task(s) wait: "
+                        "starting %d head-of-line child(ren)", self.scheduler.long_task_threshold,
+                        self.scheduler.queued_count(), wanted - len(lanes))
             self._spawn_children(wanted - len(lanes), lane=True)
+
+    def _on_lane_timer(self) -> None:
+        self._lane_timer = None
+        self._maintain_lanes()
+
+    def _all_stuck_on_long_work(self) -> bool:
+        general = self.live_children()
+        if not general:
+            return False
+        now = self.clock.now()
+        threshold = self.scheduler.long_task_threshold
+        for child in general:
+            job = self._running.get(child.child_id)
+            if job is None or job.accepted_at is None or now - job.accepted_at < threshold:
+                return False
+        return True
 
     def _periodic(self) -> None:
         """Housekeeping once a second (lanes come and go with long tasks)."""
@@ -884,6 +934,10 @@ class Supervisor:
         soft = job.soft_timeout or self.settings.soft_time_limit
         hard = job.hard_timeout or self.settings.hard_time_limit
         job_id, cid = job.job_id, child.child_id
+        if self.short_lanes and not child.lane:
+            # The moment this task becomes "long": the head of line may be blocked then.
+            self._timer(max(0.0, self.scheduler.long_task_threshold - elapsed) + 1e-3,
+                        self._maintain_lanes, "head-of-line")
         if soft:
             job.soft_timer = self._timer(max(0.0, soft - elapsed),
                                          lambda: self._on_soft_limit(job_id, cid, soft), "soft")
@@ -958,6 +1012,8 @@ class Supervisor:
                 self.counters["failed"] += 1
                 self._call(job.error_callback, message.value)
         self._maybe_stop_drained(child)
+        if self.short_lanes:
+            self._maintain_lanes()
 
     def _report_lost(self, job: Job, exitcode: int | None) -> None:
         self._cancel_job_timers(job)

@@ -119,7 +119,8 @@ class RecordingTable(ChildTable):
 
 
 class Harness:
-    def __init__(self, children: int = 2, memory: MemoryControl | None = None, **conf: Any) -> None:
+    def __init__(self, children: int = 2, memory: MemoryControl | None = None, lanes: int = 0,
+                 **conf: Any) -> None:
         options = {"limit": children, "soft_timeout": conf.pop("soft", None), "timeout": conf.pop("hard", None)}
         self.settings = build_settings(conf, options)
         self.clock = FakeClock(100.0)
@@ -131,7 +132,7 @@ class Harness:
             self.launcher, Scheduler(window=conf.pop("window", 1)),
             hooks=SupervisorHooks(on_memory_event=lambda kind, fields: self.events.append((kind, fields))),
             clock=self.clock, send_signal=lambda pid, sig: self.signals.append((pid, sig)),
-            memory=memory,
+            memory=memory, short_lanes=lanes,
         )
         self.sup.children_table = RecordingTable()
         self.outcomes: list[tuple[str, Any]] = []
@@ -559,6 +560,68 @@ def test_killing_an_idle_child_and_a_stopping_one() -> None:
     with h.sup._lock:
         h.sup._send_stop(second, "shutdown")  # IDLE -> STOPPING
     h.exit(second, 0)  # STOPPING -> DEAD
+
+
+# ------------------------------------------------------------------ head-of-line protection
+def _start_all(h: Harness, jobs: list[Job]) -> None:
+    for job in jobs:
+        child = h.holder(job)
+        h.deliver(child, JobAccepted(job.job_id, child.pid, h.clock.now()))
+
+
+def _lanes(h: Harness) -> list[Child]:
+    return [c for c in h.sup.children() if c.lane and c.serving]
+
+
+def test_a_head_of_line_child_starts_when_every_child_is_stuck_and_work_waits() -> None:
+    h = Harness(children=2, lanes=1)
+    h.ready_all()
+    # Short calls of "process" taught the scheduler it is a short name...
+    for _ in range(4):
+        h.run(h.submit("process"), runtime=0.005)
+    # ...then two long calls of the same name hold both children, and a short one waits.
+    longs = [h.submit("process"), h.submit("process")]
+    _start_all(h, longs)
+    waiting = h.submit("process")
+    assert not _lanes(h)
+    h.advance(0.05)
+    assert not _lanes(h)  # not long yet
+    h.advance(0.06)
+    (lane,) = _lanes(h)
+    h.ready(lane)
+    assert h.holder(waiting) is lane  # no prediction needed: it is what runs now that counts
+
+
+def test_no_head_of_line_child_while_a_child_is_free_or_nothing_waits() -> None:
+    h = Harness(children=2, lanes=1)
+    h.ready_all()
+    (one,) = [h.submit("long")]
+    _start_all(h, [one])
+    h.advance(1.0)
+    assert not _lanes(h)  # the other child is free
+    two = h.submit("long")
+    _start_all(h, [two])
+    h.advance(1.0)
+    assert not _lanes(h)  # both stuck, but nothing waits
+
+
+def test_head_of_line_children_retire_once_the_line_is_clear() -> None:
+    h = Harness(children=2, lanes=1)
+    h.ready_all()
+    longs = [h.submit("a"), h.submit("b")]
+    _start_all(h, longs)
+    queued = h.submit("c")
+    h.advance(0.2)
+    (lane,) = _lanes(h)
+    h.ready(lane)
+    h.run(queued)
+    for job in longs:
+        child = h.holder(job)
+        h.deliver(child, JobFinished(job.job_id, True, 1, 0.3))
+    assert lane.state is ChildState.IDLE  # kept a moment: long work comes in runs
+    h.advance(2.0)
+    assert lane.state is ChildState.STOPPING and h.sent(lane, StopChild)
+    assert len(h.sup.live_children()) == 2
 
 
 # ------------------------------------------------------------------ Celery's view

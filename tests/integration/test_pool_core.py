@@ -10,6 +10,7 @@ import signal
 import time
 import uuid
 
+import psutil
 import pytest
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
@@ -204,11 +205,27 @@ def test_process_signals_fire(worker_factory, broker, tmp_path):
 def test_start_methods_run_fast_trace_task(worker_factory, broker, start_method):
     """Checklist 12: fork and spawn children both run tasks through fast_trace_task (the CLI)."""
     worker = worker_factory("-c", "2", env={"TEST_START_METHOD": start_method})
-    assert worker.pool_info()["start-method"] == start_method
+    info = worker.pool_info()
+    assert info["start-method"] == start_method
+    # The children really were started that way: billiard's spawn runs a fresh interpreter
+    # with `--billiard-fork` on its command line; a forked child keeps the worker's.
+    spawned = ["--billiard-fork" in psutil.Process(pid).cmdline() for pid in info["processes"]]
+    assert spawned == [start_method == "spawn"] * 2
     assert broker.send("add", 20, 22).get(timeout=30) == 42
     assert broker.send("process_init_seen").get(timeout=20) is True
     with pytest.raises(ValueError):
         broker.send("boom").get(timeout=20)
+
+
+def test_an_unknown_start_method_refuses_to_start(worker_factory):
+    """Celery 5.7 refuses it itself; on 5.5/5.6, which do not know the setting, the pool does,
+    rather than fork silently (celery_adaptive.compat)."""
+    worker = worker_factory("-c", "2", env={"TEST_START_METHOD": "forkserver"}, wait=False)
+    code = worker.wait_exit(40)
+    assert code not in (None, 0)
+    log = worker.log()
+    assert "worker_pool_start_method" in log and "'forkserver'" in log
+    assert worker.child_pids() == []
 
 
 def test_pool_grow_and_shrink_update_processes_and_prefetch(worker_factory, broker):

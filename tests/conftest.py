@@ -7,6 +7,7 @@ Each test gets its own queue name, so leftovers from one test never reach anothe
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ def redis_server() -> Iterator[EmbeddedRedis | None]:
         return
     with EmbeddedRedis() as server:
         yield server
+        gc.collect()  # while it still answers: see Broker.close
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +37,10 @@ def redis_url(redis_server: EmbeddedRedis | None) -> str:
 
 
 @pytest.fixture
-def broker(redis_url: str) -> Broker:
-    return Broker(url=redis_url, queue=f"q-{uuid.uuid4().hex[:10]}")
+def broker(redis_url: str) -> Iterator[Broker]:
+    broker = Broker(url=redis_url, queue=f"q-{uuid.uuid4().hex[:10]}")
+    yield broker
+    broker.close()
 
 
 @pytest.fixture
@@ -44,6 +48,9 @@ def private_redis() -> Iterator[EmbeddedRedis]:
     """A Redis this test alone owns (for restarting it, or stopping it, mid-test)."""
     with EmbeddedRedis() as server:
         yield server
+        # The test's own clients are garbage now: finalize them while this Redis still
+        # answers (see Broker.close).
+        gc.collect()
 
 
 @pytest.fixture

@@ -310,15 +310,18 @@ def test_redis_restart_under_load_loses_nothing(worker_factory, private_redis, t
     from tests.support import Broker
 
     own = Broker(url=private_redis.url, queue=f"q-{uuid.uuid4().hex[:8]}")
-    worker = worker_factory("-c", "2", broker_=own)
-    first = [own.send("late_sleep", 0.05) for _ in range(10)]
-    assert all(isinstance(r.get(timeout=30), int) for r in first)
-    private_redis.restart()  # a Redis without persistence: queued messages are gone; send after
-    time.sleep(1.0)
-    own._app = None
-    wait_until(worker.ping, timeout=40, interval=0.5, message="worker reconnected")
-    second = [own.send("add", i, i) for i in range(20)]
-    assert [r.get(timeout=40) for r in second] == [2 * i for i in range(20)]
-    assert len(worker.child_pids()) == 2
-    log = worker.log()
-    assert "Connection to broker lost" in log or "Cannot connect" in log or "consumer" in log.lower()
+    try:
+        worker = worker_factory("-c", "2", broker_=own)
+        first = [own.send("late_sleep", 0.05) for _ in range(10)]
+        assert all(isinstance(r.get(timeout=30), int) for r in first)
+        private_redis.restart()  # a Redis without persistence: queued messages are gone; send after
+        time.sleep(1.0)
+        own._app = None
+        wait_until(worker.ping, timeout=40, interval=0.5, message="worker reconnected")
+        second = [own.send("add", i, i) for i in range(20)]
+        assert [r.get(timeout=40) for r in second] == [2 * i for i in range(20)]
+        assert len(worker.child_pids()) == 2
+        log = worker.log()
+        assert "Connection to broker lost" in log or "Cannot connect" in log or "consumer" in log.lower()
+    finally:
+        own.close()  # while private_redis still answers (see Broker.close)

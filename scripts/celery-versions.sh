@@ -99,7 +99,7 @@ print(" ".join(version(p) for p in ("celery", "kombu", "billiard")))' 2>>"$log")
     elif [ $rc -ne 0 ]; then
       status=failed
     fi
-    tail -n 3 "$log" | sed 's/^/    /'
+    { grep -E '^(FAILED|ERROR) ' "$log" | head -n 10; tail -n 1 "$log"; } | sed 's/^/    /'
   fi
   counts=$("$PYTHON" - "$env_dir/junit.xml" <<'EOF' 2>/dev/null || echo "- - - -"
 import sys

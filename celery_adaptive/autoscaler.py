@@ -301,11 +301,15 @@ class CeleryAutoscalerBridge(Autoscaler):
     this pool replaces.
     """
 
-    def __init__(self, pool: Any, autoscaler: AdaptiveAutoscaler, worker: Any, clock: Callable[[], float]) -> None:
+    def __init__(self, pool: Any, autoscaler: AdaptiveAutoscaler, worker: Any, clock: Callable[[], float],
+                 on_bounds: Callable[[], None] = lambda: None) -> None:
         low, high = autoscaler.bounds
         super().__init__(pool, high, low, worker=worker)
         self.adaptive = autoscaler
         self._clock = clock
+        # The bounds changed: a prefetch sized for the maximum (RabbitMQ per-consumer QoS) is
+        # resized (Celery's own autoscaler never moves the prefetch).
+        self._on_bounds = on_bounds
 
     def body(self) -> None:  # pragma: no cover - never started as a thread
         self._is_shutdown.wait(1.0)
@@ -323,7 +327,8 @@ class CeleryAutoscalerBridge(Autoscaler):
                 raise ValueError(f"autoscale min={low} is greater than max={high}")
             self.adaptive.set_bounds(low, high, self._clock())
             self.max_concurrency, self.min_concurrency = high, low
-            return high, low
+        self._on_bounds()
+        return high, low
 
     def info(self) -> dict[str, Any]:
         low, high = self.adaptive.bounds

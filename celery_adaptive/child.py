@@ -3,7 +3,8 @@
 Runs in each pool child: pin to a CPU, initialise like a prefork child (Celery's
 ``process_initializer``), then receive `RunJob`s one at a time, announce each with
 `JobAccepted`, run it, and answer with `JobFinished`. A planned exit (max tasks, max memory,
-a drain request) is announced with `ChildExiting` first.
+a drain request) is announced with `ChildExiting` first. The child keeps plain blocking pipes;
+the parent reads them without blocking (supervisor.channel).
 """
 
 from __future__ import annotations
@@ -66,21 +67,55 @@ def warm_up_parent() -> None:
     from celery_adaptive import placement  # noqa: F401
 
 
-class _SoftLimitGuard:
-    """Raise SoftTimeLimitExceeded on SIGUSR1, but only while a task runs.
+#: A SIGUSR1 this much earlier than the job's soft limit is taken as meant for an earlier job.
+SOFT_LIMIT_TOLERANCE_S = 0.05
 
-    The parent may send the signal just as a task finishes; raising then would break the
-    loop's own bookkeeping, so outside a task the signal is ignored.
+
+class _SoftLimitGuard:
+    """Raise SoftTimeLimitExceeded on SIGUSR1 in the task it was meant for, exactly once.
+
+    - Between tasks the signal is ignored (raising would break the loop's bookkeeping).
+    - A signal that arrives before the task's code is entered (just after JobAccepted went
+      out) is kept and raised on entry, so a short soft limit is never lost.
+    - A signal sent for the previous job that lands early in the next one is ignored: the
+      current job has not run for its soft limit yet.
     """
 
     def __init__(self) -> None:
-        self.running = False
+        self.started: float | None = None
+        self.soft_limit: float | None = None
+        self.in_task = False
+        self.pending = False
+        self.fired = False
+
+    def begin(self, soft_limit: float | None) -> None:
+        self.started, self.soft_limit = time.monotonic(), soft_limit
+        self.in_task = self.pending = self.fired = False
+
+    def enter(self) -> None:
+        self.in_task = True
+        if self.pending:
+            self._raise()
+
+    def end(self) -> None:
+        self.in_task = False
+        self.started = None
 
     def handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.running:
-            from billiard.exceptions import SoftTimeLimitExceeded
+        if self.started is None or self.fired:
+            return
+        limit = self.soft_limit
+        if limit is not None and time.monotonic() - self.started < limit - SOFT_LIMIT_TOLERANCE_S:
+            return
+        if self.in_task:
+            self._raise()
+        self.pending = True
 
-            raise SoftTimeLimitExceeded()
+    def _raise(self) -> None:
+        from billiard.exceptions import SoftTimeLimitExceeded
+
+        self.pending, self.fired = False, True
+        raise SoftTimeLimitExceeded()
 
 
 def _peak_rss_kib() -> int:
@@ -134,8 +169,19 @@ def _initialise(spec: ChildSpec) -> int | None:
     return cpu
 
 
-def child_main(conn: Any, spec: ChildSpec) -> None:
-    """Entry point of a pool child (the target of its Process)."""
+def _close_inherited(fds: tuple[int, ...]) -> None:
+    """Close the parent's ends of other children's pipes that fork copied into this one."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def child_main(inbox: Any, outbox: Any, spec: ChildSpec, inherited_fds: tuple[int, ...] = ()) -> None:
+    """Entry point of a pool child (the target of its Process): read RunJob/StopChild from
+    ``inbox``, write replies to ``outbox`` (billiard Connections, blocking on this side)."""
+    _close_inherited(inherited_fds)
     cpu = _initialise(spec)
     guard = _SoftLimitGuard()
     # After process_initializer, which resets SIGUSR1 to the default action.
@@ -143,23 +189,24 @@ def child_main(conn: Any, spec: ChildSpec) -> None:
     pid = os.getpid()
     exitcode = 0
     done = 0
-    _send(conn, ChildReady(pid, cpu))
+    _send(outbox, ChildReady(pid, cpu))
     try:
         while True:
             try:
-                data = conn.recv_bytes()
+                data = inbox.recv_bytes()
             except (EOFError, OSError):
                 break  # the parent is gone
             message = protocol.decode(data)
             if isinstance(message, StopChild):
-                _send(conn, ChildExiting(pid, "stop", message.reason))
+                _send(outbox, ChildExiting(pid, "stop", message.reason))
                 break
             if not isinstance(message, RunJob):
                 continue
-            _send(conn, JobAccepted(message.job_id, pid, time.monotonic()))
+            guard.begin(message.soft_limit)
+            _send(outbox, JobAccepted(message.job_id, pid, time.monotonic()))
             started = time.monotonic()
-            guard.running = True
             try:
+                guard.enter()
                 value = message.target(*message.args, **message.kwargs)
                 ok = True
             except Exception:
@@ -167,21 +214,21 @@ def child_main(conn: Any, spec: ChildSpec) -> None:
 
                 value, ok = ExceptionInfo(), False
             finally:
-                guard.running = False
+                guard.end()
             runtime = time.monotonic() - started
             if ok:
                 payload = _encode_result(message.job_id, value, runtime)
             else:
                 payload = protocol.encode(JobFinished(message.job_id, False, value, runtime))
-            conn.send_bytes(payload)
+            outbox.send_bytes(payload)
             del value, message, payload
             done += 1
             if spec.max_tasks and done >= spec.max_tasks:
-                _send(conn, ChildExiting(pid, "max-tasks", f"{done} tasks"))
+                _send(outbox, ChildExiting(pid, "max-tasks", f"{done} tasks"))
                 break
             if spec.max_memory_kib and _peak_rss_kib() > spec.max_memory_kib:
                 _send(
-                    conn,
+                    outbox,
                     ChildExiting(pid, "max-memory", f"{_peak_rss_kib()} KiB > {spec.max_memory_kib} KiB"),
                 )
                 break
@@ -194,5 +241,5 @@ def child_main(conn: Any, spec: ChildSpec) -> None:
             process_destructor(pid, exitcode)
         except Exception:
             pass
-        conn.close()
-
+        inbox.close()
+        outbox.close()

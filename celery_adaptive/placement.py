@@ -3,7 +3,7 @@
 Data flow::
 
     read_topology() ──┐
-    allowed_cpus() ───┼─> plan_order(policy, topology, allowed) -> [cpu, cpu, ...]
+    allowed_cpus() ───┼─> plan_order(policy, topology, allowed, max_cpus) -> [cpu, cpu, ...]
     parse_policy(conf)┘        plan_cpu(..., slot) = order[slot % len(order)]
                                                 │
                          child start:  pin_current_process(cpu)
@@ -151,14 +151,31 @@ def format_cpu_list(cpus: Iterable[int]) -> str:
 
 
 def plan_order(
-    policy: PlacementPolicy, topology: Sequence[LogicalCpu], allowed: Iterable[int]
+    policy: PlacementPolicy,
+    topology: Sequence[LogicalCpu],
+    allowed: Iterable[int],
+    max_cpus: int | None = None,
 ) -> list[int]:
     """The CPUs that slots 0, 1, 2, ... map to (slot ``i`` gets ``order[i % len(order)]``).
 
     Empty for ``none`` or an empty allowed set. Only CPUs in ``allowed`` ever appear; an allowed
     CPU the topology does not list is treated as a core of its own (as if sysfs were missing).
+    ``max_cpus`` (a CPU quota rounded up) keeps ``spread`` and ``compact`` to that many CPUs,
+    the first of their order: a quota of 1.5 CPUs is spent on two CPUs, not spread thin over
+    every CPU of the host. An explicit list is the user's choice and is kept whole.
     Raises `PlacementError` if an explicit CPU is outside ``allowed``.
     """
+    if max_cpus is not None and max_cpus < 1:
+        raise ValueError(f"max_cpus must be >= 1, got {max_cpus}")
+    order = _plan_order(policy, topology, allowed)
+    if max_cpus is not None and policy.kind in ("spread", "compact"):
+        return order[:max_cpus]
+    return order
+
+
+def _plan_order(
+    policy: PlacementPolicy, topology: Sequence[LogicalCpu], allowed: Iterable[int]
+) -> list[int]:
     allowed_set = frozenset(allowed)
     if policy.kind == "none":
         return []
@@ -204,12 +221,16 @@ def _cores_by_package(
 
 
 def plan_cpu(
-    policy: PlacementPolicy, topology: Sequence[LogicalCpu], allowed: Iterable[int], slot: int
+    policy: PlacementPolicy,
+    topology: Sequence[LogicalCpu],
+    allowed: Iterable[int],
+    slot: int,
+    max_cpus: int | None = None,
 ) -> int | None:
     """The CPU for the child in ``slot``, or None when it should not be pinned."""
     if slot < 0:
         raise ValueError(f"slot must be >= 0, got {slot}")
-    order = plan_order(policy, topology, allowed)
+    order = plan_order(policy, topology, allowed, max_cpus)
     return order[slot % len(order)] if order else None
 
 

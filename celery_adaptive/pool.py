@@ -14,15 +14,23 @@ from typing import Any
 from celery import bootsteps, signals
 from celery.concurrency.base import BasePool
 
-from celery_adaptive import placement
+from celery_adaptive import cpuquota, placement
 from celery_adaptive.autoscaler import AdaptiveAutoscaler, BacklogProbe, CeleryAutoscalerBridge
 from celery_adaptive.child import ChildSpec, child_main, warm_up_parent
+from celery_adaptive.djangofork import ForkHygiene
 from celery_adaptive.jobs import Job
 from celery_adaptive.metrics import start_for_pool as start_metrics
 from celery_adaptive.metrics.service import MetricsService
+from celery_adaptive.prefetch import PrefetchLink
 from celery_adaptive.scheduler import Scheduler
-from celery_adaptive.settings import PoolSettings, build_settings
-from celery_adaptive.supervisor import ChildState, Supervisor, SupervisorHooks, pids
+from celery_adaptive.settings import PoolSettings, build_settings, unhonoured_settings
+from celery_adaptive.supervisor import (
+    ChildState,
+    ProcessLauncher,
+    Supervisor,
+    SupervisorHooks,
+    pids,
+)
 
 logger = logging.getLogger("celery_adaptive")
 
@@ -66,6 +74,41 @@ def _run_ready_ack_callbacks(hub: Any) -> None:
             hub.on_callback_error(callback, exc)
 
 
+def _is_this_pool(pool_cls: Any) -> bool:
+    if isinstance(pool_cls, str):
+        return pool_cls.replace(".pool:", ":") == "celery_adaptive:Pool"
+    return isinstance(pool_cls, type) and issubclass(pool_cls, Pool)
+
+
+@signals.worker_init.connect(dispatch_uid="celery_adaptive.pool.size_auto_concurrency")
+def size_auto_concurrency(sender: Any = None, **_: Any) -> None:
+    """``worker_concurrency = 'auto'`` (``-c auto``, Celery 5.7): size this pool as prefork.
+
+    Celery resolves 'auto' right after ``worker_init`` and caps it by the cgroup CPU quota only
+    for prefork (``WorkController._resolve_auto_concurrency``); every other pool gets the
+    allowed CPUs. This pool's children are CPU-bound processes like prefork's, so it resolves
+    'auto' here first with prefork's rule. The receiver is connected when this module is
+    imported, which the ``celery worker`` command does while it parses ``-P`` or
+    ``worker_pool``, before the worker exists.
+    """
+    concurrency = getattr(sender, "concurrency", None)
+    if not (isinstance(concurrency, str) and concurrency.strip().lower() == "auto"):
+        return
+    if not _is_this_pool(getattr(sender, "pool_cls", None)):
+        return
+    budget = cpuquota.cpu_budget(cpuquota.available_cpus(), cpuquota.read_cpu_quota())
+    sender.concurrency = budget.count
+    quota = "no cgroup cpu quota found" if budget.quota is None else f"cgroup cpu quota={budget.quota:.2f}"
+    # Logged when the pool starts: logging is not set up yet at worker_init.
+    _pending_logs.append(
+        f"worker_concurrency='auto' resolved to {budget.count} "
+        f"(pool=celery_adaptive:Pool, {quota}, available cpus={budget.available})"
+    )
+
+
+_pending_logs: list[str] = []
+
+
 def _task_modules(app: Any) -> tuple[str, ...]:
     modules = {getattr(task, "__module__", "") for task in app.tasks.values()}
     return tuple(sorted(m for m in modules if m and not m.startswith("celery.")))
@@ -105,8 +148,11 @@ class Pool(BasePool):
                 "max_memory_per_child": options.get("max_memory_per_child"),
                 "soft_timeout": options.get("soft_timeout"),
                 "timeout": options.get("timeout"),
+                "lost_worker_timeout": options.get("lost_worker_timeout"),
             },
         )
+        for warning in unhonoured_settings(self.app.conf, options):
+            logger.warning("%s", warning)
         self._initargs: tuple[Any, ...] = tuple(options.get("initargs") or (self.app, None))
         self.supervisor: Supervisor | None = None
         self.autoscaler: AdaptiveAutoscaler | None = None
@@ -114,6 +160,7 @@ class Pool(BasePool):
         self._tick_timer: Any = None  # the autoscaler's next scheduled decision (a Deadline)
         self._early_timer: Any = None  # an arrival's decision, deferred to the end of the gap
         self._tick_at = 0.0
+        self.prefetch = PrefetchLink()  # the consumer's prefetch, sized for capacity
         self._install_consumer_link()
 
     # ------------------------------------------------------------------ setup
@@ -130,13 +177,21 @@ class Pool(BasePool):
         allowed = placement.allowed_cpus()
         topology = placement.read_topology()
         policy = settings.cpu_placement
-        placement.plan_order(policy, topology, allowed)  # validates an explicit list now, at start
+        # A container's CPU quota: children are placed on at most that many CPUs, rounded up.
+        quota = cpuquota.read_cpu_quota()
+        max_cpus = cpuquota.quota_cpus(quota)
+        order = placement.plan_order(policy, topology, allowed, max_cpus)  # validates a list now
+        if max_cpus is not None and policy.kind == "explicit" and len(set(order)) > max_cpus:
+            logger.warning(
+                "adaptive_cpu_placement=%r pins children to %d CPUs but the cgroup CPU quota is "
+                "%.2f CPUs; they will be throttled", policy.describe(), len(set(order)), quota,
+            )
         task_modules = _task_modules(self.app) if settings.start_method != "fork" else ()
 
         def spec_for_slot(slot: int) -> ChildSpec:
             return ChildSpec(
                 slot=slot,
-                cpu=placement.plan_cpu(policy, topology, allowed, slot),
+                cpu=placement.plan_cpu(policy, topology, allowed, slot, max_cpus),
                 initializer_args=self._initargs,
                 max_tasks=settings.max_tasks_per_child,
                 max_memory_kib=settings.max_memory_per_child_kib,
@@ -144,11 +199,15 @@ class Pool(BasePool):
                 task_modules=task_modules,
             )
 
-        def process_factory(conn: Any, spec: ChildSpec) -> Any:
-            return ctx.Process(target=child_main, args=(conn, spec), daemon=True)
+        fork_hygiene = ForkHygiene(self.app)
+
+        def before_create_process() -> None:
+            if settings.start_method == "fork":
+                fork_hygiene.before_fork()
+            signals.worker_before_create_process.send(sender=self)
 
         hooks = SupervisorHooks(
-            before_create_process=lambda: signals.worker_before_create_process.send(sender=self),
+            before_create_process=before_create_process,
             on_job_done=self._on_job_done,
         )
         scheduler = Scheduler(
@@ -163,9 +222,9 @@ class Pool(BasePool):
             vnodes=160,
             balanced_keys=True,
         )
+        launcher = ProcessLauncher(ctx, child_main, settings.max_message_bytes)
         return Supervisor(
-            settings, spec_for_slot, process_factory, lambda: ctx.Pipe(duplex=True), scheduler, hooks,
-            short_lanes=settings.short_task_reserve,
+            settings, spec_for_slot, launcher, scheduler, hooks, short_lanes=settings.short_task_reserve,
         )
 
     def _on_job_done(self, job: Job, runtime: float | None) -> None:
@@ -177,7 +236,8 @@ class Pool(BasePool):
 
     # ------------------------------------------------------------------ consumer and sizing
     def on_consumer_start(self, consumer: Any) -> None:
-        """The consumer (re)started: keep a reference, and set up autoscaling once."""
+        """The consumer (re)started: keep a reference, set up autoscaling once, and size the
+        fresh QoS for the pool before the event loop starts consuming."""
         self.consumer = consumer
         if self.supervisor is None:
             return
@@ -185,6 +245,22 @@ class Pool(BasePool):
         celery_autoscaler = getattr(worker, "autoscaler", None)
         if self.autoscaler is None and (self.settings.autoscale or celery_autoscaler is not None):
             self._start_autoscaler(consumer, worker, celery_autoscaler)
+        # The consumer was built with --autoscale's MAX (or -c) x multiplier, and a reconnect
+        # recomputes it from num_processes: both are corrected here, before consuming.
+        self.prefetch.on_consumer_start(consumer, self.supervisor.target, self._prefetch_ceiling())
+
+    def _prefetch_ceiling(self) -> int:
+        """The most children the pool may run: what a prefetch fixed at consume time (RabbitMQ
+        per-consumer QoS) is sized for."""
+        assert self.supervisor is not None
+        if self.autoscaler is not None:
+            return max(self.autoscaler.bounds[1], self.supervisor.target)
+        return self.supervisor.target
+
+    def _follow_capacity(self) -> None:
+        """Move the prefetch with capacity (relative to Celery's ETA part; see prefetch.py)."""
+        if self.supervisor is not None:
+            self.prefetch.follow(self.supervisor.target, self._prefetch_ceiling())
 
     def _start_autoscaler(self, consumer: Any, worker: Any, celery_autoscaler: Any) -> None:
         assert self.supervisor is not None
@@ -203,7 +279,9 @@ class Pool(BasePool):
                 # Its reactive rule would fight the forecast; keep it as a control surface only.
                 celery_autoscaler.maybe_scale = lambda req=None: None
         if worker is not None:
-            worker.autoscaler = CeleryAutoscalerBridge(self, self.autoscaler, worker, sup.clock.now)
+            worker.autoscaler = CeleryAutoscalerBridge(
+                self, self.autoscaler, worker, sup.clock.now, on_bounds=self._follow_capacity
+            )
         queues = [q.name for q in getattr(getattr(consumer, "task_consumer", None), "queues", []) or []]
         self.autoscaler.probe = BacklogProbe(
             self.app, queues, min(self.settings.control_interval, 0.25),
@@ -220,7 +298,6 @@ class Pool(BasePool):
         target = min(max(sup.target, low), high)
         if target != sup.target:
             self.resize_to(target, f"autoscale bounds [{low}, {high}]")
-        self._sync_prefetch()
         self._schedule_tick(self.settings.control_interval)
         logger.info("Predictive autoscaler on: %d..%d children, target wait %.0f ms",
                     low, high, self.settings.target_wait * 1000)
@@ -286,27 +363,12 @@ class Pool(BasePool):
             return
         self.supervisor.set_target(target)
         self.limit = target
-        self._sync_prefetch()
-
-    def _sync_prefetch(self) -> None:
-        """Make the consumer's prefetch count capacity x multiplier (contract section 5)."""
-        consumer = self.consumer
-        if consumer is None or self.supervisor is None:
-            return
-        multiplier = getattr(consumer, "prefetch_multiplier", 0) or 0
-        qos = getattr(consumer, "qos", None)
-        if not multiplier or qos is None or not getattr(consumer, "initial_prefetch_count", 0):
-            return  # prefetch unlimited or disabled: nothing to move
-        wanted = self.supervisor.target * multiplier
-        consumer.initial_prefetch_count = wanted
-        diff = wanted - int(qos.value)
-        if diff > 0:
-            qos.increment_eventually(diff)
-        elif diff < 0:
-            qos.decrement_eventually(-diff)
+        self._follow_capacity()
 
     # ------------------------------------------------------------------ BasePool
     def on_start(self) -> None:
+        while _pending_logs:
+            logger.info("%s", _pending_logs.pop(0))
         if self.settings.start_method == "fork":
             warm_up_parent()  # children then start in ~15 ms, not ~100 ms
         self.supervisor = self._build_supervisor()
@@ -372,15 +434,21 @@ class Pool(BasePool):
         if self.supervisor is not None:
             self.supervisor.terminate_job(pid, signal_ or signal.SIGTERM)
 
+    # ``pool_grow``/``pool_shrink`` call these, then ``Consumer._update_prefetch_count(±n)``,
+    # which moves the prefetch itself (relative, like `PrefetchLink.follow`): moving it here too
+    # would count the change twice. A prefetch fixed at consume time still needs the consumer
+    # re-established after Celery's move.
     def grow(self, n: int = 1) -> None:
         assert self.supervisor is not None
         self.supervisor.grow(n)
         self.limit = self.supervisor.target
+        self.prefetch.after_celery_move()
 
     def shrink(self, n: int = 1) -> None:
         assert self.supervisor is not None
         self.supervisor.shrink(n)
         self.limit = self.supervisor.target
+        self.prefetch.after_celery_move()
 
     # Celery's autoscaler calls these names on the pool.
     def shrink_pool(self, n: int = 1) -> None:
@@ -462,6 +530,7 @@ class Pool(BasePool):
                 "max-children": self.autoscaler.bounds[1] if self.autoscaler else settings.max_children,
                 "autoscale": self.autoscaler is not None,
                 "queued": sup.jobs_queued() if sup is not None else 0,
+                "prefetch": self.prefetch.describe(),
                 "in-flight": sup.jobs_in_flight() if sup is not None else 0,
                 "children": [
                     {
@@ -470,7 +539,7 @@ class Pool(BasePool):
                         "slot": c.slot,
                         "state": c.state.value,
                         "tasks": c.tasks_done,
-                        "lane": c.short_only,
+                        "lane": c.lane,
                     }
                     for c in children
                     if c.state is not ChildState.DEAD

@@ -16,7 +16,7 @@ from typing import Any
 
 from celery_adaptive.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class RunJob:
     target: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    # The job's soft time limit, so the child can tell a timely SIGUSR1 from a late one.
+    soft_limit: float | None = None
     version: int = field(default=PROTOCOL_VERSION)
 
 

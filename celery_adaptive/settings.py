@@ -1,9 +1,13 @@
 """The pool's settings: one validated, frozen object built once at start.
 
 Celery-style lowercase names live in ``app.conf`` (``adaptive_*``); Celery's own worker options
-(concurrency, limits, max tasks/memory per child, start method) arrive as pool constructor
-options and are folded in here so the rest of the pool reads one object (the start method
+(concurrency, limits, max tasks/memory per child, start method, lost wait) arrive as pool
+constructor options, and the few worker settings prefork reads from ``app.conf`` itself
+(``worker_proc_alive_timeout``) are read here too, so the rest of the pool reads one object (the start method
 from ``app.conf`` where Celery does not pass it: see `celery_adaptive.compat`).
+
+`NOT_HONOURED` is the one list of Celery settings that prefork honours and this pool does not;
+`unhonoured_settings` names each one an app sets to a non-default value, for a startup warning.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_max_utilization": 0.5,
     "adaptive_control_interval": 1.0,
     "adaptive_stabilization_window": 3.0,
-    "adaptive_child_start_timeout": 60.0,
+    # None: Celery's worker_proc_alive_timeout (4 s by default), as prefork.
+    "adaptive_child_start_timeout": None,
+    "adaptive_max_message_bytes": 256 * 1024 * 1024,
     "adaptive_metrics_enabled": True,
     "adaptive_metrics_interval": 2.0,
     "adaptive_metrics_redis_url": None,
@@ -56,7 +62,8 @@ DESCRIPTIONS: dict[str, str] = {
     "adaptive_max_utilization": "busiest share of its time the forecast may give each child, in (0, 1]",
     "adaptive_control_interval": "seconds between autoscaler decisions",
     "adaptive_stabilization_window": "seconds of lower demand before the pool shrinks",
-    "adaptive_child_start_timeout": "seconds a new child may take to report ready",
+    "adaptive_child_start_timeout": "seconds a new child may take to report ready (default: worker_proc_alive_timeout)",
+    "adaptive_max_message_bytes": "largest message a child may send (a task's pickled result); a child over it is replaced",
     "adaptive_metrics_enabled": "publish metrics (events, Redis)",
     "adaptive_metrics_interval": "seconds between metric snapshots",
     "adaptive_metrics_redis_url": "Redis for metrics (default: the broker, when it is Redis)",
@@ -101,6 +108,10 @@ class PoolSettings:
     metrics_prometheus_port: int | None = None
     max_utilization: float = 0.5
     metrics_prometheus_address: str = "0.0.0.0"
+    max_message_bytes: int = 256 * 1024 * 1024
+    #: Celery's ``worker_lost_wait``: how long a dead child's pipe may still deliver results
+    #: before its accepted, unfinished jobs fail with WorkerLostError.
+    lost_wait: float = 10.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -181,6 +192,42 @@ def _limit(name: str, value: Any) -> float | None:
     return limit or None  # Celery treats 0 as "no limit"
 
 
+#: Celery's defaults for the worker settings read here (the same values as celery.app.defaults,
+#: so a plain mapping without them, as in unit tests, behaves like an unconfigured app).
+CELERY_PROC_ALIVE_TIMEOUT = 4.0
+CELERY_LOST_WAIT = 10.0
+
+
+def _celery_conf(conf: Mapping[str, Any] | Any, name: str, default: Any) -> Any:
+    getter = getattr(conf, "get", None)
+    value = getter(name, None) if getter is not None else None
+    return default if value is None else value
+
+
+def _child_start_timeout(conf: Mapping[str, Any] | Any) -> float:
+    """``adaptive_child_start_timeout`` when the app sets it, else ``worker_proc_alive_timeout``.
+
+    prefork kills a child that has not reported ready (its initializer, including every
+    ``worker_process_init`` receiver, done) within ``worker_proc_alive_timeout``; so does this
+    pool, unless the pool's own setting says otherwise (kept for apps that set it before
+    the pool honoured Celery's).
+    """
+    own = getattr(conf, "get", lambda *_: None)("adaptive_child_start_timeout", None)
+    if own is not None:
+        return _float("adaptive_child_start_timeout", own) or CELERY_PROC_ALIVE_TIMEOUT
+    value = _celery_conf(conf, "worker_proc_alive_timeout", CELERY_PROC_ALIVE_TIMEOUT)
+    return _float("worker_proc_alive_timeout", value) or CELERY_PROC_ALIVE_TIMEOUT
+
+
+def _lost_wait(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) -> float:
+    # The worker passes worker_lost_wait as the pool option lost_worker_timeout; billiard
+    # treats an unset or zero value as its default (10 s), and so does this pool.
+    value = options.get("lost_worker_timeout")
+    if value is None:
+        value = _celery_conf(conf, "worker_lost_wait", CELERY_LOST_WAIT)
+    return _float("worker_lost_wait", value, positive=False) or CELERY_LOST_WAIT
+
+
 def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) -> PoolSettings:
     """Validate ``app.conf`` plus the pool's constructor options into a `PoolSettings`.
 
@@ -252,7 +299,8 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
         stabilization_window=_float(
             "adaptive_stabilization_window", _conf(conf, "adaptive_stabilization_window"), positive=False
         ) or 0.0,
-        child_start_timeout=_float("adaptive_child_start_timeout", _conf(conf, "adaptive_child_start_timeout")) or 60.0,
+        child_start_timeout=_child_start_timeout(conf),
+        lost_wait=_lost_wait(conf, options),
         metrics_enabled=_bool("adaptive_metrics_enabled", _conf(conf, "adaptive_metrics_enabled")),
         metrics_interval=_float("adaptive_metrics_interval", _conf(conf, "adaptive_metrics_interval")) or 2.0,
         metrics_redis_url=_redis_url("adaptive_metrics_redis_url", _conf(conf, "adaptive_metrics_redis_url")),
@@ -263,9 +311,53 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
             "adaptive_metrics_prometheus_port", _conf(conf, "adaptive_metrics_prometheus_port"), 1, allow_none=True
         ),
         metrics_prometheus_address=str(_conf(conf, "adaptive_metrics_prometheus_address")),
+        max_message_bytes=_int(
+            "adaptive_max_message_bytes", _conf(conf, "adaptive_max_message_bytes"), 1024
+        ) or DEFAULTS["adaptive_max_message_bytes"],
     )
 
 
 def describe_settings() -> list[str]:
     width = max(len(name) for name in DEFAULTS)
     return [f"{name:<{width}}  default={DEFAULTS[name]!r}  {DESCRIPTIONS[name]}" for name in DEFAULTS]
+
+
+@dataclass(frozen=True)
+class NotHonoured:
+    """A Celery setting prefork honours and this pool does not, and what the pool does instead."""
+
+    name: str
+    default: Any  # Celery's default: any other value in app.conf gets the startup warning
+    instead: str
+
+
+NOT_HONOURED: tuple[NotHonoured, ...] = (
+    NotHonoured(
+        "worker_autoscaler",
+        "celery.worker.autoscale:Autoscaler",
+        "with --autoscale this pool's predictive autoscaler sizes the pool and the class's "
+        "maybe_scale is never called (the autoscale remote command still sets the bounds)",
+    ),
+)
+
+#: Worker ``optimization`` values (the pool option ``sched_strategy``; the CLI's ``-O`` accepts
+#: only default and fair, both prefork's fair scheduling) that prefork gives a meaning this pool
+#: has not: write each task to a child even while it is busy.
+_PREFORK_ONLY_STRATEGIES = ("fast", "fcfs")
+
+
+def unhonoured_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) -> list[str]:
+    """One warning for each setting in `NOT_HONOURED` that ``conf`` sets to a non-default
+    value, and for a worker ``optimization`` prefork's scheduler has and this pool's has not."""
+    warnings = []
+    for item in NOT_HONOURED:
+        value = _celery_conf(conf, item.name, item.default)
+        if value != item.default:
+            warnings.append(f"{item.name}={value!r} is not used by celery_adaptive:Pool: {item.instead}")
+    strategy = options.get("sched_strategy")
+    if isinstance(strategy, str) and strategy.lower() in _PREFORK_ONLY_STRATEGIES:
+        warnings.append(
+            f"optimization={strategy!r} is not used by celery_adaptive:Pool: its scheduler hands a task to a "
+            "child that can start it; adaptive_dispatch_window sets how many tasks a child may hold"
+        )
+    return warnings

@@ -1,4 +1,8 @@
-"""Helpers for tests that run real `celery worker` processes against a real Redis."""
+"""Helpers for tests that run real `celery worker` processes against a real broker.
+
+Two layouts: Redis as broker and result backend, and Celery's own CI layout, RabbitMQ (AMQP)
+as broker with Redis as result backend. Tests that hold on both take ``@both_brokers``.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import redis
 from celery import Celery
 from celery.result import AsyncResult
+from kombu import Connection
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "celery_adaptive:Pool"
+
+# Runs a test once per broker: it overrides the `broker_kind` fixture (tests/conftest.py).
+both_brokers = pytest.mark.parametrize("broker_kind", ["redis", "amqp"])
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
@@ -38,27 +47,61 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
 
 @dataclass
 class Broker:
+    """A broker URL and this test's queue; ``backend_url`` is the Redis results go to."""
+
     url: str
     queue: str
+    backend_url: str = ""
     _app: Celery | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.backend_url and self.kind == "redis":
+            self.backend_url = self.url
+
+    @property
+    def kind(self) -> str:
+        if self.url.startswith(("redis://", "rediss://")):
+            return "redis"
+        if self.url.startswith(("amqp://", "amqps://", "pyamqp://")):
+            return "amqp"
+        raise ValueError(f"not a Redis or AMQP broker URL: {self.url!r}")
 
     @property
     def app(self) -> Celery:
         if self._app is None:
-            self._app = Celery("client", broker=self.url, backend=self.url)
+            self._app = Celery("client", broker=self.url, backend=self.backend_url)
             self._app.conf.broker_connection_retry_on_startup = True
         return self._app
 
     @property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
+        """The Redis of this layout: the broker's for Redis, the result backend's for AMQP
+        (where the test tasks keep their bookkeeping)."""
+        if not self.backend_url:
+            raise ValueError(f"no Redis for {self.url}: give this AMQP Broker a backend_url")
+        return redis.Redis.from_url(self.backend_url)
 
     def send(self, name: str, *args: Any, **options: Any) -> AsyncResult:
         options.setdefault("queue", self.queue)
         return self.app.send_task(f"tests.apps.proj.{name}", args=args, **options)
 
     def queue_length(self) -> int:
-        return int(self.redis.llen(self.queue))
+        """Messages ready in the queue (not those a worker holds unacknowledged), read with a
+        passive queue_declare, which both transports answer; a queue not there yet holds 0."""
+        with Connection(self.url) as connection:
+            channel = connection.channel()
+            try:
+                return int(channel.queue_declare(queue=self.queue, passive=True).message_count)
+            except connection.channel_errors:
+                return 0
+
+    def delete_queue(self) -> None:
+        """Delete this test's queue and the exchange Celery named after it (on a shared AMQP
+        server they would otherwise stay; Celery's shared pidbox exchanges are left alone)."""
+        with Connection(self.url) as connection:
+            channel = connection.channel()
+            channel.queue_delete(queue=self.queue)
+            channel.exchange_delete(exchange=self.queue)
 
     def close(self) -> None:
         """Let go of the client app while its Redis still answers.
@@ -73,6 +116,16 @@ class Broker:
             self._app.close()
             self._app = None
             gc.collect()
+
+
+def make_broker(kind: str, request: pytest.FixtureRequest, queue: str) -> Broker:
+    """Redis as broker and backend, or RabbitMQ as broker with the Redis backend."""
+    redis_url: str = request.getfixturevalue("redis_url")
+    if kind == "redis":
+        return Broker(url=redis_url, queue=queue)
+    if kind == "amqp":
+        return Broker(url=request.getfixturevalue("amqp_url"), queue=queue, backend_url=redis_url)
+    raise ValueError(f"unknown broker kind {kind!r}")
 
 
 class WorkerProcess:
@@ -177,18 +230,21 @@ def start_worker_process(
     pool_arg: list[str] | None = None,
     wait: bool = True,
     timeout: float = 40.0,
+    app: str = "tests.apps.proj",
 ) -> WorkerProcess:
     hostname = f"w{uuid.uuid4().hex[:8]}@localhost"
     logfile = logdir / "worker.log"
     full_env = dict(os.environ)
     full_env.update({"TEST_BROKER_URL": broker.url, "TEST_QUEUE": broker.queue, "PYTHONUNBUFFERED": "1"})
+    if broker.backend_url:
+        full_env["TEST_BACKEND_URL"] = broker.backend_url
     full_env.update(env or {})
     if pool_arg is None:
         pool_arg = ["-P", POOL]
     cmd = [
-        sys.executable, "-m", "celery", "-A", "tests.apps.proj", "worker", *pool_arg,
+        sys.executable, "-m", "celery", "-A", app, "worker", *pool_arg,
         "-Q", broker.queue, "-n", hostname, "--without-gossip", "--without-mingle",
-        "-l", "info", *args,
+        "-l", os.environ.get("TEST_WORKER_LOGLEVEL", "info"), *args,
     ]
     with open(logfile, "wb") as out:
         popen = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,

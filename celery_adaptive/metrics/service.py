@@ -160,7 +160,7 @@ class MetricsService:
         scheduler = sup.scheduler
         depths = scheduler.queue_depths()
         steals = scheduler.steals_by_child()
-        jobs = sup._jobs  # read-only, on L: the running job of each child
+        running_jobs = sup.running_jobs()  # on L: the running job of each child
         children: list[ChildReading] = []
         for child in sup.children():
             if child.state is ChildState.DEAD:
@@ -168,11 +168,9 @@ class MetricsService:
             busy = child.busy_seconds + (now - child.busy_since if child.busy_since is not None else 0.0)
             task_name: str | None = None
             running: float | None = None
-            for job_id in child.jobs:
-                job = jobs.get(job_id)
-                if job is not None and job.accepted_at is not None:
-                    task_name, running = job.task_name, max(0.0, time.monotonic() - job.accepted_at)
-                    break
+            job = running_jobs.get(child.child_id)
+            if job is not None and job.accepted_at is not None:
+                task_name, running = job.task_name, max(0.0, now - job.accepted_at)
             children.append(
                 ChildReading(
                     child_id=child.child_id, pid=child.pid, slot=child.slot, cpu=child.cpu,

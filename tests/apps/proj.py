@@ -266,3 +266,87 @@ def record(token: str, seconds: float = 0.0) -> int:
         time.sleep(seconds)
     note("done")
     return os.getpid()
+
+
+@app.task
+def stop_self() -> None:
+    """Freeze this pool child mid-task (as a debugger, a cgroup freezer or SIGSTOP would)."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+@app.task
+def half_frame(seconds: float = 60.0) -> None:
+    """Write the first half of a frame into this child's result pipe, then hang: what a C
+    extension scribbling on an inherited descriptor looks like to the parent."""
+    import gc
+    import struct
+
+    from billiard.connection import Connection
+
+    writers = [o for o in gc.get_objects()
+               if isinstance(o, Connection) and o.writable and not o.readable and not o.closed]
+    written = 0
+    for conn in writers:
+        try:  # the parent's ends of other pipes, copied by fork, are closed in a child
+            os.write(conn.fileno(), struct.pack("!i", 4096) + b"half")
+            written += 1
+        except OSError:
+            pass
+    assert written == 1, f"expected exactly this child's result pipe, wrote to {written}"
+    time.sleep(seconds)
+
+
+# -- Celery settings prefork honours (tests/integration/test_celery_settings.py) ---------------
+@app.task
+def fail_counted(token: str) -> None:
+    """Fails every time; counts its runs (a redelivered message runs again)."""
+    import redis
+
+    redis.Redis.from_url(backend).rpush(f"runs:{token}", os.getpid())
+    raise ValueError("fails on purpose")
+
+
+@app.task
+def hang_first_run(token: str, seconds: float) -> int:
+    """Hangs (into a time limit) the first time it runs; returns its run number."""
+    import redis
+
+    run = int(redis.Redis.from_url(backend).rpush(f"runs:{token}", os.getpid()))
+    if run == 1:
+        time.sleep(seconds)
+    return run
+
+
+@app.task
+def wait_for_file(token: str, path: str, seconds: float = 60.0) -> int:
+    """Runs until ``path`` exists (at most ``seconds``), so a test decides when it ends."""
+    import redis
+
+    client = redis.Redis.from_url(backend)
+    client.rpush(f"runs:{token}", os.getpid())
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.rpush(f"done:{token}", os.getpid())
+    return os.getpid()
+
+
+@worker_process_init.connect
+def _hang_first_child(**_: Any) -> None:
+    """With TEST_HANG_INIT_ONCE=<dir>: once <dir>/armed exists, the first child to create
+    <dir>/hung hangs in worker_process_init, as a child stuck on a dead database would."""
+    directory = os.environ.get("TEST_HANG_INIT_ONCE")
+    if not directory or not os.path.exists(os.path.join(directory, "armed")):
+        return
+    try:
+        os.close(os.open(os.path.join(directory, "hung"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    time.sleep(300)
+
+
+from celery.worker.autoscale import Autoscaler  # noqa: E402
+
+
+class CustomAutoscaler(Autoscaler):
+    """A user's own autoscaler class (worker_autoscaler), which this pool does not use."""

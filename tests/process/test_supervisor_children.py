@@ -15,19 +15,19 @@ from celery_adaptive.child import ChildSpec
 from celery_adaptive.protocol import ChildReady
 from celery_adaptive.scheduler import Scheduler
 from celery_adaptive.settings import build_settings
-from celery_adaptive.supervisor import Supervisor
+from celery_adaptive.supervisor import ProcessLauncher, Supervisor
 from tests.support import wait_until
 
 CTX = billiard.get_context("fork")
 
 
-def garbage_child(conn: Any, spec: ChildSpec) -> None:
-    conn.send_bytes(protocol.encode(ChildReady(os.getpid(), None)))
-    conn.send_bytes(b"definitely not a protocol message")
+def garbage_child(inbox: Any, outbox: Any, spec: ChildSpec, inherited: tuple[int, ...]) -> None:
+    outbox.send_bytes(protocol.encode(ChildReady(os.getpid(), None)))
+    outbox.send_bytes(b"definitely not a protocol message")
     time.sleep(30)
 
 
-def dies_at_start(conn: Any, spec: ChildSpec) -> None:
+def dies_at_start(inbox: Any, outbox: Any, spec: ChildSpec, inherited: tuple[int, ...]) -> None:
     os._exit(3)
 
 
@@ -37,10 +37,7 @@ def _supervisor(target: Any, children: int = 1) -> Supervisor:
     def spec(slot: int) -> ChildSpec:
         return ChildSpec(slot, None, (), None, None, "fork", ())
 
-    return Supervisor(
-        settings, spec, lambda conn, s: CTX.Process(target=target, args=(conn, s), daemon=True),
-        lambda: CTX.Pipe(duplex=True), Scheduler(),
-    )
+    return Supervisor(settings, spec, ProcessLauncher(CTX, target, 1 << 20), Scheduler())
 
 
 def _own_children() -> set[int]:

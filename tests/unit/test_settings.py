@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from celery_adaptive.errors import SettingsError
-from celery_adaptive.settings import build_settings, describe_settings
+from celery_adaptive.settings import build_settings, describe_settings, unhonoured_settings
 
 BASE = {"limit": 2, "forking_enable": True}
 
@@ -60,3 +60,55 @@ def test_describe_lists_every_setting():
     lines = describe_settings()
     assert any(line.startswith("adaptive_cpu_placement") for line in lines)
     assert len(lines) >= 15
+
+
+# -- Celery's worker settings that prefork honours ----------------------------------------------
+def test_child_start_timeout_follows_worker_proc_alive_timeout():
+    assert build_settings({}, BASE).child_start_timeout == 4.0  # Celery's default
+    assert build_settings({"worker_proc_alive_timeout": 1.5}, BASE).child_start_timeout == 1.5
+
+
+def test_explicit_adaptive_child_start_timeout_overrides_celery():
+    conf = {"worker_proc_alive_timeout": 1.5, "adaptive_child_start_timeout": 30}
+    assert build_settings(conf, BASE).child_start_timeout == 30.0
+
+
+@pytest.mark.parametrize("value", [0, -1, "soon"])
+def test_bad_proc_alive_timeout_names_the_setting(value):
+    with pytest.raises(SettingsError, match="worker_proc_alive_timeout"):
+        build_settings({"worker_proc_alive_timeout": value}, BASE)
+
+
+def test_lost_wait_from_the_pool_option_then_the_setting():
+    assert build_settings({}, BASE).lost_wait == 10.0
+    assert build_settings({"worker_lost_wait": 3}, BASE).lost_wait == 3.0
+    # The worker passes worker_lost_wait as lost_worker_timeout; that is what counts.
+    assert build_settings({"worker_lost_wait": 3}, {**BASE, "lost_worker_timeout": 7}).lost_wait == 7.0
+    # billiard reads 0 as its default; so does the pool.
+    assert build_settings({}, {**BASE, "lost_worker_timeout": 0}).lost_wait == 10.0
+    with pytest.raises(SettingsError, match="worker_lost_wait"):
+        build_settings({"worker_lost_wait": -1}, BASE)
+
+
+def test_unhonoured_settings_are_named_only_when_changed():
+    from celery import Celery
+
+    app = Celery("unhonoured", set_as_current=False)
+    assert unhonoured_settings(app.conf, {}) == []
+    app.conf.worker_autoscaler = "proj.scaling:MyAutoscaler"
+    (warning,) = unhonoured_settings(app.conf, {"sched_strategy": "fair"})
+    assert warning.startswith("worker_autoscaler='proj.scaling:MyAutoscaler' is not used")
+    app.conf.worker_autoscaler = "celery.worker.autoscale:Autoscaler"
+    (warning,) = unhonoured_settings(app.conf, {"sched_strategy": "fast"})
+    assert warning.startswith("optimization='fast' is not used")
+
+
+def test_every_unhonoured_default_is_celerys():
+    from celery.app.defaults import DEFAULTS as CELERY_DEFAULTS
+
+    from celery_adaptive.settings import CELERY_LOST_WAIT, CELERY_PROC_ALIVE_TIMEOUT, NOT_HONOURED
+
+    for item in NOT_HONOURED:
+        assert CELERY_DEFAULTS[item.name] == item.default, item.name
+    assert CELERY_DEFAULTS["worker_proc_alive_timeout"] == CELERY_PROC_ALIVE_TIMEOUT
+    assert CELERY_DEFAULTS["worker_lost_wait"] == CELERY_LOST_WAIT

@@ -3,7 +3,8 @@
 Celery-style lowercase names live in ``app.conf`` (``adaptive_*``); Celery's own worker options
 (concurrency, limits, max tasks/memory per child, start method, lost wait) arrive as pool
 constructor options, and the few worker settings prefork reads from ``app.conf`` itself
-(``worker_proc_alive_timeout``) are read here too, so the rest of the pool reads one object.
+(``worker_proc_alive_timeout``) are read here too, so the rest of the pool reads one object (the start method
+from ``app.conf`` where Celery does not pass it: see `celery_adaptive.compat`).
 
 `NOT_HONOURED` is the one list of Celery settings that prefork honours and this pool does not;
 `unhonoured_settings` names each one an app sets to a non-default value, for a startup warning.
@@ -300,6 +301,7 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
 
     Raises `SettingsError` naming the first bad setting.
     """
+    from celery_adaptive.compat import pool_start_method
     from celery_adaptive.placement import parse_policy
 
     concurrency = _int("worker_concurrency", options.get("limit") or 1, 1)
@@ -335,7 +337,7 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
     prefix = _conf(conf, "adaptive_metrics_key_prefix")
     if not isinstance(prefix, str) or not prefix:
         raise SettingsError("adaptive_metrics_key_prefix", prefix, "expected a non-empty string")
-    start_method = "fork" if options.get("forking_enable", True) else "spawn"
+    start_method = pool_start_method(conf, options.get("forking_enable", True))
     max_tasks = options.get("maxtasksperchild")
     max_memory = options.get("max_memory_per_child")
     return PoolSettings(

@@ -138,6 +138,10 @@ def test_disable_prefetch_holds_no_more_tasks_than_children(worker_factory, brok
                                                             tmp_path: Path):
     """worker_disable_prefetch (Celery 5.6+, Redis): the worker takes a message only while it
     holds fewer than ``pool.num_processes``; the rest stay in the queue for other workers."""
+    from celery.app.defaults import NAMESPACES
+
+    if "disable_prefetch" not in NAMESPACES["worker"]:
+        pytest.skip("this Celery has no worker_disable_prefetch (added in 5.6)")
     worker_factory("-c", "2", pool_arg=pool_arg,
                    env=_conf(task_acks_late=True, worker_disable_prefetch=True))
     tokens = [uuid.uuid4().hex for _ in range(5)]

@@ -10,6 +10,7 @@ import signal
 import time
 import uuid
 
+import psutil
 import pytest
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
@@ -207,11 +208,27 @@ def test_process_signals_fire(worker_factory, broker, tmp_path):
 def test_start_methods_run_fast_trace_task(worker_factory, broker, start_method):
     """Checklist 12: fork and spawn children both run tasks through fast_trace_task (the CLI)."""
     worker = worker_factory("-c", "2", env={"TEST_START_METHOD": start_method})
-    assert worker.pool_info()["start-method"] == start_method
+    info = worker.pool_info()
+    assert info["start-method"] == start_method
+    # The children really were started that way: billiard's spawn runs a fresh interpreter
+    # with `--billiard-fork` on its command line; a forked child keeps the worker's.
+    spawned = ["--billiard-fork" in psutil.Process(pid).cmdline() for pid in info["processes"]]
+    assert spawned == [start_method == "spawn"] * 2
     assert broker.send("add", 20, 22).get(timeout=30) == 42
     assert broker.send("process_init_seen").get(timeout=20) is True
     with pytest.raises(ValueError):
         broker.send("boom").get(timeout=20)
+
+
+def test_an_unknown_start_method_refuses_to_start(worker_factory):
+    """Celery 5.7 refuses it itself; on 5.5/5.6, which do not know the setting, the pool does,
+    rather than fork silently (celery_adaptive.compat)."""
+    worker = worker_factory("-c", "2", env={"TEST_START_METHOD": "forkserver"}, wait=False)
+    code = worker.wait_exit(40)
+    assert code not in (None, 0)
+    log = worker.log()
+    assert "worker_pool_start_method" in log and "'forkserver'" in log
+    assert worker.child_pids() == []
 
 
 def test_pool_grow_and_shrink_update_processes_and_prefetch(worker_factory, broker):
@@ -307,17 +324,20 @@ def test_redis_restart_under_load_loses_nothing(worker_factory, private_redis, t
     from tests.support import Broker
 
     own = Broker(url=private_redis.url, queue=f"q-{uuid.uuid4().hex[:8]}")
-    worker = worker_factory("-c", "2", broker_=own)
-    first = [own.send("late_sleep", 0.05) for _ in range(10)]
-    assert all(isinstance(r.get(timeout=30), int) for r in first)
-    private_redis.restart()  # a Redis without persistence: queued messages are gone; send after
-    time.sleep(1.0)
-    own._app = None
-    # Celery retries the broker with growing pauses (2 s, 4 s, 6 s, ...): on a loaded machine,
-    # where Redis takes a while to come back, the reconnect can take over 40 s.
-    wait_until(worker.ping, timeout=90, interval=0.5, message="worker reconnected")
-    second = [own.send("add", i, i) for i in range(20)]
-    assert [r.get(timeout=40) for r in second] == [2 * i for i in range(20)]
-    assert len(worker.child_pids()) == 2
-    log = worker.log()
-    assert "Connection to broker lost" in log or "Cannot connect" in log or "consumer" in log.lower()
+    try:
+        worker = worker_factory("-c", "2", broker_=own)
+        first = [own.send("late_sleep", 0.05) for _ in range(10)]
+        assert all(isinstance(r.get(timeout=30), int) for r in first)
+        private_redis.restart()  # a Redis without persistence: queued messages are gone; send after
+        time.sleep(1.0)
+        own._app = None
+        # Celery retries the broker with growing pauses (2 s, 4 s, 6 s, ...): on a loaded
+        # machine, where Redis takes a while to come back, the reconnect can take over 40 s.
+        wait_until(worker.ping, timeout=90, interval=0.5, message="worker reconnected")
+        second = [own.send("add", i, i) for i in range(20)]
+        assert [r.get(timeout=40) for r in second] == [2 * i for i in range(20)]
+        assert len(worker.child_pids()) == 2
+        log = worker.log()
+        assert "Connection to broker lost" in log or "Cannot connect" in log or "consumer" in log.lower()
+    finally:
+        own.close()  # while private_redis still answers (see Broker.close)

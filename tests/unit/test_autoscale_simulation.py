@@ -16,7 +16,7 @@ import math
 import statistics
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from celery_adaptive.controller import children_needed
@@ -75,7 +75,9 @@ def assert_every_task_ran_exactly_once(result: SimulationResult) -> None:
         child = children[task.child]
         # Only a started child that has not been told to leave takes a new task.
         assert child.ready is not None and child.ready <= task.started
-        assert child.retired is None or task.started < child.retired
+        # (A task handed over at the very instant the child is retired was taken first: the
+        # simulation dispatches before it decides at one instant.)
+        assert child.retired is None or task.started <= child.retired
         by_child.setdefault(task.child, []).append((task.started, task.finished))
     for spans in by_child.values():  # one task at a time per child
         spans.sort()
@@ -103,6 +105,7 @@ def test_every_task_runs_exactly_once_and_children_stay_in_bounds(name: str) -> 
     stabilization=st.sampled_from([0.0, 5.0, 30.0]),
     kind=st.sampled_from(["exponential", "fixed"]),
 )
+@example(seed=3553, rate=69.5, service=0.125, low=1, span=5, stabilization=0.0, kind="exponential")
 def test_no_task_is_lost_or_run_twice_whatever_the_load_and_bounds(
     seed: int,
     rate: float,

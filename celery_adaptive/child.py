@@ -13,11 +13,15 @@ import importlib
 import os
 import resource
 import signal
+import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
+
+from billiard.context import ForkProcess
 
 from celery_adaptive import protocol
 from celery_adaptive.protocol import (
@@ -41,6 +45,66 @@ class ChildSpec:
     max_memory_kib: int | None
     start_method: str
     task_modules: tuple[str, ...]  # imported first under spawn so the task registry is filled
+
+
+def detach_inherited_connections() -> int:
+    """In a freshly forked child: drop every TCP connection inherited from the parent.
+
+    A forked child shares the parent's sockets, and Celery's after-fork handlers, which run in
+    the child next, close the connections of kombu's pools; py-amqp closes with
+    ``shutdown(SHUT_RDWR)``, which ends the TCP connection for both processes. A child forked
+    while the worker's process holds AMQP connections (a client in the same process, as in
+    ``celery.contrib.testing``'s in-thread worker, or a signal handler that publishes) so broke
+    those connections: "Connection reset by peer" in the parent. The child never owns these
+    connections, so each is replaced, on its descriptor, by /dev/null: the child's handlers
+    then close that (shutdown fails with ENOTSOCK, which they ignore) and the parent keeps
+    its connection. Sockets that are not connected TCP (the child's own pipe is a Unix
+    socket pair, listening sockets have no peer) are left alone. Returns the number replaced.
+    """
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0  # not Linux: nothing to enumerate cheaply
+    null = os.open(os.devnull, os.O_RDWR)
+    replaced = 0
+    try:
+        for name in names:
+            fd = int(name)
+            if fd == null or not _is_connected_tcp(fd):
+                continue
+            os.dup2(null, fd)  # atomically drops the child's reference, without a shutdown
+            replaced += 1
+    finally:
+        os.close(null)
+    return replaced
+
+
+def _is_connected_tcp(fd: int) -> bool:
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+            return False
+        sock.getpeername()
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.detach()  # the descriptor stays open: this object only looked at it
+
+
+class ForkedChildProcess(ForkProcess):
+    """billiard's fork-started Process that drops the parent's TCP connections first thing
+    in the child, before the after-fork handlers can shut them down
+    (see `detach_inherited_connections`)."""
+
+    def _bootstrap(self, *args: Any, **kwargs: Any) -> Any:
+        detach_inherited_connections()
+        return super()._bootstrap(*args, **kwargs)
 
 
 def warm_up_parent() -> None:

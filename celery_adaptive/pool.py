@@ -16,7 +16,7 @@ from celery.concurrency.base import BasePool
 
 from celery_adaptive import placement
 from celery_adaptive.autoscaler import AdaptiveAutoscaler, BacklogProbe, CeleryAutoscalerBridge
-from celery_adaptive.child import ChildSpec, child_main, warm_up_parent
+from celery_adaptive.child import ChildSpec, ForkedChildProcess, child_main, warm_up_parent
 from celery_adaptive.jobs import Job
 from celery_adaptive.metrics import start_for_pool as start_metrics
 from celery_adaptive.metrics.service import MetricsService
@@ -144,8 +144,11 @@ class Pool(BasePool):
                 task_modules=task_modules,
             )
 
+        # Forked children must not touch the parent's broker connections (see child.py).
+        process_cls = ForkedChildProcess if settings.start_method == "fork" else ctx.Process
+
         def process_factory(conn: Any, spec: ChildSpec) -> Any:
-            return ctx.Process(target=child_main, args=(conn, spec), daemon=True)
+            return process_cls(target=child_main, args=(conn, spec), daemon=True)
 
         hooks = SupervisorHooks(
             before_create_process=lambda: signals.worker_before_create_process.send(sender=self),

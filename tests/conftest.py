@@ -64,3 +64,18 @@ def worker_factory(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> 
     for worker in started:
         leaks.extend(worker.stop())
     assert not leaks, f"processes left behind: {leaks}"
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """A RabbitMQ virtual host of this session's own: $AMQP_URL when it answers, else the
+    local server (guest/guest on 127.0.0.1:5672); skip when neither answers. The vhost is
+    made with rabbitmqctl and removed afterwards; without rabbitmqctl, tests use the URL's
+    vhost as it is, with their own queue names."""
+    from tests.support import rabbitmq_vhost
+
+    base = os.environ.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672//"
+    with rabbitmq_vhost(base, f"celery-adaptive-tests-{uuid.uuid4().hex[:8]}") as url:
+        if url is None:
+            pytest.skip(f"no RabbitMQ answers at {base}")
+        yield url

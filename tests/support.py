@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,45 @@ def _alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def amqp_answers(url: str, timeout: float = 3.0) -> bool:
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=timeout) as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def rabbitmq_vhost(base_url: str, vhost: str) -> Iterator[str | None]:
+    """Yield ``base_url`` moved to a new vhost (None when RabbitMQ does not answer); the vhost
+    goes at the end. Without a usable rabbitmqctl, yield ``base_url`` itself."""
+    import shutil
+    from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+    if not amqp_answers(base_url):
+        yield None
+        return
+    ctl = shutil.which("rabbitmqctl")
+    parts = urlsplit(base_url)
+    user = unquote(parts.username or "guest")
+
+    def run(*args: str) -> bool:
+        assert ctl is not None
+        done = subprocess.run([ctl, "-q", *args], capture_output=True, timeout=60)
+        return done.returncode == 0
+
+    if ctl is None or not run("add_vhost", vhost):
+        yield base_url
+        return
+    try:
+        if not run("set_permissions", "-p", vhost, user, ".*", ".*", ".*"):
+            yield base_url
+            return
+        yield urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, ""))
+    finally:
+        run("delete_vhost", vhost)

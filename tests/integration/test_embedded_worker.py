@@ -1,0 +1,54 @@
+"""The pool inside a process that also talks to the broker: Celery's in-thread test worker
+(``celery.contrib.testing``), which is how Celery's own integration suite runs a pool, and the
+shape of any worker process whose main-process code publishes (signal handlers, embedding).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from celery_adaptive import Pool
+from celery_adaptive.supervisor import ChildState
+from tests.support import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def amqp_app(amqp_url: str, redis_url: str) -> Iterator[Celery]:
+    app = Celery(f"embedded-{uuid.uuid4().hex[:6]}", broker=amqp_url, backend=redis_url, set_as_current=False)
+    app.conf.broker_connection_retry_on_startup = True
+    yield app
+    app.close()
+
+
+def _ready_children(worker: Any) -> list[int]:
+    children = worker.pool.supervisor.children()
+    return [c.pid for c in children if c.state in (ChildState.IDLE, ChildState.BUSY)]
+
+
+def test_a_new_child_leaves_the_process_amqp_connections_alone(amqp_app: Celery) -> None:
+    """A child forked while the process holds pooled AMQP connections must not end them.
+
+    Celery's after-fork handlers close kombu's pooled connections in the child, and py-amqp
+    closes with shutdown(), which ended the parent's connection too: the client's next
+    broadcast failed with ConnectionResetError (Celery's test_inspect::test_active, _query_task).
+    """
+    queue = f"q-{uuid.uuid4().hex[:10]}"
+    with start_worker(amqp_app, pool=Pool, concurrency=1, perform_ping_check=False,
+                      queues=[queue], shutdown_timeout=30) as worker:
+        inspect = amqp_app.control.inspect(destination=[worker.hostname], timeout=5)
+        assert inspect.ping() == {worker.hostname: {"ok": "pong"}}  # a pooled connection now
+        wait_until(lambda: len(_ready_children(worker)) == 1, timeout=30, message="the first child")
+
+        # A fork while that connection sits in the app's pool.
+        amqp_app.control.pool_grow(1, destination=[worker.hostname], reply=True, timeout=5)
+        wait_until(lambda: len(_ready_children(worker)) == 2, timeout=30, message="the new child")
+
+        assert inspect.ping() == {worker.hostname: {"ok": "pong"}}

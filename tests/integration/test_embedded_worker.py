@@ -5,6 +5,7 @@ shape of any worker process whose main-process code publishes (signal handlers, 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from celery.exceptions import TaskRevokedError
 
 from celery_adaptive import Pool
 from celery_adaptive.supervisor import ChildState
@@ -24,6 +26,23 @@ pytestmark = pytest.mark.integration
 def amqp_app(amqp_url: str, redis_url: str) -> Iterator[Celery]:
     app = Celery(f"embedded-{uuid.uuid4().hex[:6]}", broker=amqp_url, backend=redis_url, set_as_current=False)
     app.conf.broker_connection_retry_on_startup = True
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def redis_app(redis_url: str) -> Iterator[Celery]:
+    """An app with no celery-adaptive settings at all: the pool's defaults."""
+    app = Celery(f"embedded-{uuid.uuid4().hex[:6]}", broker=redis_url, backend=redis_url, set_as_current=False)
+
+    @app.task(name="embedded.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="embedded.sleep")
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
+
     yield app
     app.close()
 
@@ -52,3 +71,24 @@ def test_a_new_child_leaves_the_process_amqp_connections_alone(amqp_app: Celery)
         wait_until(lambda: len(_ready_children(worker)) == 2, timeout=30, message="the new child")
 
         assert inspect.ping() == {worker.hostname: {"ok": "pong"}}
+
+
+def test_by_default_no_more_tasks_run_than_the_concurrency(redis_app: Celery) -> None:
+    """At -c 1, a task queued behind long ones waits for them, as in prefork: so it expires
+    while it waits and is revoked, not run (Celery's test_tasks::test_expired), and the pool
+    has one process (test_inspect::test_stats). A short-task lane, when on, breaks both."""
+    queue = f"q-{uuid.uuid4().hex[:10]}"
+    add, sleep = redis_app.tasks["embedded.add"], redis_app.tasks["embedded.sleep"]
+    with start_worker(redis_app, pool=Pool, concurrency=1, perform_ping_check=False,
+                      queues=[queue], shutdown_timeout=30) as worker:
+        # The pool learns which task is short and which is long (what a lane waits for).
+        assert add.apply_async((1, 1), queue=queue).get(timeout=30) == 2
+        sleep.apply_async((0.3,), queue=queue).get(timeout=30)
+        longs = [sleep.apply_async((1.0,), queue=queue) for _ in range(3)]
+        late = add.apply_async((1, 1), queue=queue, expires=1.5)
+        with pytest.raises(TaskRevokedError):
+            late.get(timeout=30)
+        assert len(worker.pool.info["processes"]) == 1
+        assert worker.pool.info["max-concurrency"] == 1
+        for result in longs:
+            result.get(timeout=30)

@@ -50,15 +50,18 @@ class ChildSpec:
 def detach_inherited_connections() -> int:
     """In a freshly forked child: drop every TCP connection inherited from the parent.
 
-    A forked child shares the parent's sockets, and Celery's after-fork handlers, which run in
-    the child next, close the connections of kombu's pools; py-amqp closes with
-    ``shutdown(SHUT_RDWR)``, which ends the TCP connection for both processes. A child forked
-    while the worker's process holds AMQP connections (a client in the same process, as in
-    ``celery.contrib.testing``'s in-thread worker, or a signal handler that publishes) so broke
-    those connections: "Connection reset by peer" in the parent. The child never owns these
-    connections, so each is replaced, on its descriptor, by /dev/null: the child's handlers
-    then close that (shutdown fails with ENOTSOCK, which they ignore) and the parent keeps
-    its connection. Sockets that are not connected TCP (the child's own pipe is a Unix
+    A forked child shares the parent's sockets, and the after-fork handlers, which run in the
+    child next, close the connections of kombu's pools (``app.pool``) through the network:
+    py-amqp closes with ``shutdown(SHUT_RDWR)``, which ends the TCP connection for both
+    processes ("Connection reset by peer" in the parent), and kombu's Redis channel first reads
+    the reply of a BRPOP still in flight, so the child took a reply meant for the parent (which
+    then waited ~28 s for it) or, when the parent read it first, blocked in its start-up for
+    good. It happens when a child is forked while the worker's process holds pooled broker
+    connections: a client in the same process (``celery.contrib.testing``'s in-thread worker,
+    so Celery's own integration suite) or main-process code that publishes. The child never
+    owns these connections, so each is replaced, on its descriptor, by /dev/null before the
+    handlers run: they then fail on it (ENOTSOCK, EOF), which they tolerate, and the parent
+    keeps its connections. Sockets that are not connected TCP (the child's own pipe is a Unix
     socket pair, listening sockets have no peer) are left alone. Returns the number replaced.
     """
     try:

@@ -17,7 +17,7 @@
 # else amqp://guest:guest@127.0.0.1:5672 and redis://127.0.0.1:6379. Runs are kept apart from
 # other test runs: RabbitMQ vhost $CONFORMANCE_VHOST (made with rabbitmqctl, or the management
 # API on loopback, and emptied before each run) and Redis DBs 13 (rabbitmq layout's backend),
-# 14 and 15 (redis layout), flushed before each run. A layout whose broker does not answer is
+# 14 and 15 (redis layout; $CONFORMANCE_REDIS_DBS=13,14,15 changes them), flushed before each run. A layout whose broker does not answer is
 # skipped with a message. Celery's tasks.py also opens Redis DB 0 (REDIS_HOST/REDIS_PORT) for
 # a few canvas tests; its keys there are per-test uuids.
 #
@@ -108,6 +108,8 @@ fi
 AMQP_BASE=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672//}
 REDIS_BASE=${REDIS_URL:-redis://127.0.0.1:6379/0}
 VHOST=${CONFORMANCE_VHOST:-celery-conformance}
+# Redis DBs: the rabbitmq layout's backend, the redis layout's broker and its backend.
+IFS=, read -r DB_AMQP_BACKEND DB_REDIS_BROKER DB_REDIS_BACKEND <<< "${CONFORMANCE_REDIS_DBS:-13,14,15}"
 read -r REDIS_HOST REDIS_PORT < <("$PY" -c 'import sys; from urllib.parse import urlsplit; u = urlsplit(sys.argv[1]); print(u.hostname or "127.0.0.1", u.port or 6379)' "$REDIS_BASE")
 export REDIS_HOST REDIS_PORT
 
@@ -150,16 +152,16 @@ for layout in "${layout_list[@]}"; do
       else
         BROKER[rabbitmq]=$AMQP_BASE
       fi
-      BACKEND[rabbitmq]=$(redis_db_url 13)
-      DBS[rabbitmq]=13 ;;
+      BACKEND[rabbitmq]=$(redis_db_url "$DB_AMQP_BACKEND")
+      DBS[rabbitmq]=$DB_AMQP_BACKEND ;;
     redis)
       if ! "$PY" "$HELPERS/brokers.py" answers "$REDIS_BASE"; then
         echo "SKIP layout redis: Redis at $REDIS_BASE does not answer" >&2
         continue
       fi
-      BROKER[redis]=$(redis_db_url 14)
-      BACKEND[redis]=$(redis_db_url 15)
-      DBS[redis]="14 15" ;;
+      BROKER[redis]=$(redis_db_url "$DB_REDIS_BROKER")
+      BACKEND[redis]=$(redis_db_url "$DB_REDIS_BACKEND")
+      DBS[redis]="$DB_REDIS_BROKER $DB_REDIS_BACKEND" ;;
     *) echo "unknown layout: $layout (rabbitmq or redis)" >&2; exit 64 ;;
   esac
   active_layouts+=("$layout")

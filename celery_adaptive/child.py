@@ -14,11 +14,15 @@ import importlib
 import os
 import resource
 import signal
+import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
+
+from billiard.context import ForkProcess
 
 from celery_adaptive import protocol
 from celery_adaptive.protocol import (
@@ -42,6 +46,69 @@ class ChildSpec:
     max_memory_kib: int | None
     start_method: str
     task_modules: tuple[str, ...]  # imported first under spawn so the task registry is filled
+
+
+def detach_inherited_connections() -> int:
+    """In a freshly forked child: drop every TCP connection inherited from the parent.
+
+    A forked child shares the parent's sockets, and the after-fork handlers, which run in the
+    child next, close the connections of kombu's pools (``app.pool``) through the network:
+    py-amqp closes with ``shutdown(SHUT_RDWR)``, which ends the TCP connection for both
+    processes ("Connection reset by peer" in the parent), and kombu's Redis channel first reads
+    the reply of a BRPOP still in flight, so the child took a reply meant for the parent (which
+    then waited ~28 s for it) or, when the parent read it first, blocked in its start-up for
+    good. It happens when a child is forked while the worker's process holds pooled broker
+    connections: a client in the same process (``celery.contrib.testing``'s in-thread worker,
+    so Celery's own integration suite) or main-process code that publishes. The child never
+    owns these connections, so each is replaced, on its descriptor, by /dev/null before the
+    handlers run: they then fail on it (ENOTSOCK, EOF), which they tolerate, and the parent
+    keeps its connections. Sockets that are not connected TCP (the child's own pipe is a Unix
+    socket pair, listening sockets have no peer) are left alone. Returns the number replaced.
+    """
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0  # not Linux: nothing to enumerate cheaply
+    null = os.open(os.devnull, os.O_RDWR)
+    replaced = 0
+    try:
+        for name in names:
+            fd = int(name)
+            if fd == null or not _is_connected_tcp(fd):
+                continue
+            os.dup2(null, fd)  # atomically drops the child's reference, without a shutdown
+            replaced += 1
+    finally:
+        os.close(null)
+    return replaced
+
+
+def _is_connected_tcp(fd: int) -> bool:
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+            return False
+        sock.getpeername()
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.detach()  # the descriptor stays open: this object only looked at it
+
+
+class ForkedChildProcess(ForkProcess):
+    """billiard's fork-started Process that drops the parent's TCP connections first thing
+    in the child, before the after-fork handlers can shut them down
+    (see `detach_inherited_connections`)."""
+
+    def _bootstrap(self, *args: Any, **kwargs: Any) -> Any:
+        detach_inherited_connections()
+        return super()._bootstrap(*args, **kwargs)
 
 
 def warm_up_parent() -> None:

@@ -16,7 +16,7 @@ from celery.concurrency.base import BasePool
 
 from celery_adaptive import cpuquota, placement
 from celery_adaptive.autoscaler import AdaptiveAutoscaler, BacklogProbe, CeleryAutoscalerBridge
-from celery_adaptive.child import ChildSpec, child_main, warm_up_parent
+from celery_adaptive.child import ChildSpec, ForkedChildProcess, child_main, warm_up_parent
 from celery_adaptive.djangofork import ForkHygiene
 from celery_adaptive.errors import SettingsError
 from celery_adaptive.jobs import Job
@@ -232,7 +232,9 @@ class Pool(BasePool):
             vnodes=160,
             balanced_keys=True,
         )
-        launcher = ProcessLauncher(ctx, child_main, settings.max_message_bytes)
+        # Forked children must not touch the parent's broker connections (see child.py).
+        process_cls = ForkedChildProcess if settings.start_method == "fork" else ctx.Process
+        launcher = ProcessLauncher(ctx, child_main, settings.max_message_bytes, process_cls)
         return Supervisor(
             settings, spec_for_slot, launcher, scheduler, hooks, short_lanes=settings.short_task_reserve,
             memory=self._build_memory(),

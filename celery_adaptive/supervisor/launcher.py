@@ -33,10 +33,13 @@ ChildTarget = Callable[[Any, Any, ChildSpec, tuple[int, ...]], None]
 class ProcessLauncher:
     """Forks (or spawns) real children with billiard, each with two one-way pipes."""
 
-    def __init__(self, context: Any, target: ChildTarget, max_frame: int) -> None:
+    def __init__(self, context: Any, target: ChildTarget, max_frame: int,
+                 process_cls: Any = None) -> None:
         self._ctx = context
         self._target = target
         self._max_frame = max_frame
+        # The Process class to start (the context's own unless given: see child.ForkedChildProcess).
+        self._process_cls = process_cls or context.Process
 
     def launch(self, spec: ChildSpec, close_in_child: Iterable[int]) -> Launched:
         to_child_r, to_child_w = self._ctx.Pipe(duplex=False)
@@ -47,7 +50,7 @@ class ProcessLauncher:
         inherited: tuple[int, ...] = ()
         if self._ctx.get_start_method() == "fork":
             inherited = (*close_in_child, to_child_w.fileno(), from_child_r.fileno())
-        process = self._ctx.Process(
+        process = self._process_cls(
             target=self._target, args=(to_child_r, from_child_w, spec, inherited), daemon=True
         )
         try:

@@ -151,7 +151,7 @@ class Pool(BasePool):
             before_create_process=lambda: signals.worker_before_create_process.send(sender=self),
             on_job_done=self._on_job_done,
         )
-        scheduler = Scheduler(
+        scheduler: Scheduler[Job] = Scheduler(
             window=settings.dispatch_window,
             long_task_threshold=settings.long_task_threshold,
             # The reserve is made of extra short-task lanes (below), not of general children.

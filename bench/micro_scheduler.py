@@ -11,7 +11,7 @@ task through its whole life::
 so the backlog stays at ``held`` queued tasks plus one per child in flight. The figure is the
 CPU time of ``--tasks`` steps divided by ``--tasks``, in microseconds, the median of
 ``--repeat`` repetitions (gc collected before each; the sizes take turns). Filling the backlog
-is not timed (before the scheduler was indexed, filling 100,000 took about 20 minutes). CPU
+is not timed (before the scheduler was indexed, filling 100,000 took about 10 CPU minutes). CPU
 time (``time.process_time``), not wall time: on a shared machine the time other processes
 take the CPU away would otherwise land on whichever cell was running.
 

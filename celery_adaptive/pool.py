@@ -220,7 +220,7 @@ class Pool(BasePool):
             on_job_done=self._on_job_done,
             on_memory_event=self._on_memory_event,
         )
-        scheduler = Scheduler(
+        scheduler: Scheduler[Job] = Scheduler(
             window=settings.dispatch_window,
             long_task_threshold=settings.long_task_threshold,
             # The reserve is made of extra short-task lanes (below), not of general children.

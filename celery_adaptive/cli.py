@@ -5,7 +5,7 @@ Two jobs:
 1. Make ``celery worker -P celery_adaptive:Pool`` (and ``-P adaptive``) valid on stock Celery.
    The ``celery`` command loads every ``celery.commands`` entry point while it is being imported,
    after ``celery.bin.worker`` has built its ``-P`` choice list and before click parses argv
-   (see ../shared/celery-pool-contract.md section 1). Importing this module adds our names to
+   (see docs/celery-pool-contract.md, section 1). Importing this module adds our names to
    that list. If a future Celery changes the internals, the patch is skipped with a debug log
    and ``worker_pool = "celery_adaptive:Pool"`` / ``-P custom`` keep working.
 2. The ``celery adaptive ...`` subcommands and the ``celery-adaptive`` script.

@@ -68,7 +68,7 @@ class Job:
 
     def is_revoked(self) -> bool:
         """Ask the Celery request whether it was revoked; for a revoked one this acks the
-        message and records REVOKED (contract section 2), so skipping it loses nothing."""
+        message and records REVOKED (docs/celery-pool-contract.md, section 2), so skipping it loses nothing."""
         request = getattr(self.callback, "__self__", None)
         revoked = getattr(request, "revoked", None)
         if revoked is None:

@@ -1,6 +1,6 @@
 """The Celery adapter: a thin `BasePool` subclass with no policy in it.
 
-It translates Celery's calls (see ../shared/celery-pool-contract.md) into the supervisor's,
+It translates Celery's calls (see docs/celery-pool-contract.md) into the supervisor's,
 and the supervisor's results back into Celery's callbacks. Scheduling lives in
 `scheduler`, sizing in `controller`, process management in `supervisor`.
 """
@@ -37,7 +37,7 @@ logger = logging.getLogger("celery_adaptive")
 
 class _ConsumerLink(bootsteps.StartStopStep):
     """Gives the pool a reference to the consumer, to move prefetch with capacity
-    (contract section 5). Celery has no public way to reach the consumer from the pool."""
+    (docs/celery-pool-contract.md, section 5). Celery has no public way to reach the consumer from the pool."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
@@ -505,7 +505,7 @@ class Pool(BasePool):
 
     @property
     def num_processes(self) -> int:
-        # Capacity, not the busy count (contract section 2).
+        # Capacity, not the busy count (docs/celery-pool-contract.md, section 2).
         return self.supervisor.target if self.supervisor is not None else int(self.limit or 0)
 
     def _get_info(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from typing import Any
 
 from celery import bootsteps, signals
@@ -22,6 +23,7 @@ from celery_adaptive.jobs import Job
 from celery_adaptive.metrics import start_for_pool as start_metrics
 from celery_adaptive.metrics.service import MetricsService
 from celery_adaptive.prefetch import PrefetchLink
+from celery_adaptive.publish_time import publish_wait
 from celery_adaptive.scheduler import Scheduler
 from celery_adaptive.settings import PoolSettings, build_settings, unhonoured_settings
 from celery_adaptive.supervisor import (
@@ -48,6 +50,16 @@ class _ConsumerLink(bootsteps.StartStopStep):
         pool = getattr(c, "pool", None)
         if isinstance(pool, Pool):
             pool.on_consumer_start(c)
+
+    def info(self, c: Any) -> dict[str, Any] | None:
+        """The autoscaler's ``inspect stats`` entry (Flower's "Autoscaler options" table) when
+        it runs without ``--autoscale``: Celery adds that entry only from its Autoscaler step,
+        which ``adaptive_autoscale = True`` alone does not enable. With the step, its entry is
+        the same object's."""
+        bridge = getattr(getattr(c, "controller", None), "autoscaler", None)
+        if isinstance(getattr(c, "pool", None), Pool) and isinstance(bridge, CeleryAutoscalerBridge):
+            return {"autoscaler": bridge.info()}
+        return None
 
 
 def _run_ready_ack_callbacks(hub: Any) -> None:
@@ -408,6 +420,12 @@ class Pool(BasePool):
             correlation_id=correlation_id, task_name=task_name, affinity_key=key,
             submitted_at=self.supervisor.clock.now(),
         )
+        if self.metrics is not None and len(args) > 2 and isinstance(args[2], dict):
+            request = args[2]
+            delivery = request.get("delivery_info")
+            routing = delivery.get("routing_key") if isinstance(delivery, dict) else None
+            job.queue = routing if isinstance(routing, str) else None
+            job.publish_wait = publish_wait(request, time.time())
         self.supervisor.submit(job)
         if self.autoscaler is not None:
             self.autoscaler.record_arrival(job.submitted_at, task_name)

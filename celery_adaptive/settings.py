@@ -42,8 +42,9 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_metrics_key_prefix": "celery-adaptive",
     "adaptive_metrics_ttl": 30.0,
     "adaptive_metrics_stream_length": 1000,
+    "adaptive_metrics_stream_max_age": 900.0,
     "adaptive_metrics_prometheus_port": None,
-    "adaptive_metrics_prometheus_address": "0.0.0.0",
+    "adaptive_metrics_prometheus_address": "127.0.0.1",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -65,12 +66,13 @@ DESCRIPTIONS: dict[str, str] = {
     "adaptive_max_message_bytes": "largest message a child may send (a task's pickled result); a child over it is replaced",
     "adaptive_metrics_enabled": "publish metrics (events, Redis)",
     "adaptive_metrics_interval": "seconds between metric snapshots",
-    "adaptive_metrics_redis_url": "Redis for metrics (default: the broker, when it is Redis)",
+    "adaptive_metrics_redis_url": "Redis for metrics (default: the broker, when it is Redis; every key is bounded in size and time)",
     "adaptive_metrics_key_prefix": "prefix of the metrics keys in Redis",
     "adaptive_metrics_ttl": "seconds a worker's snapshot key lives without refresh",
-    "adaptive_metrics_stream_length": "entries kept in each worker's history stream",
+    "adaptive_metrics_stream_length": "at most this many entries in each worker's history stream",
+    "adaptive_metrics_stream_max_age": "history stream entries older than this many seconds (Redis server time) are trimmed",
     "adaptive_metrics_prometheus_port": "serve Prometheus metrics on this port (off when unset; needs prometheus-client)",
-    "adaptive_metrics_prometheus_address": "address the Prometheus endpoint listens on",
+    "adaptive_metrics_prometheus_address": "address the Prometheus endpoint listens on (no authentication: loopback unless you decide otherwise)",
 }
 
 
@@ -106,7 +108,8 @@ class PoolSettings:
     metrics_stream_length: int
     metrics_prometheus_port: int | None = None
     max_utilization: float = 0.5
-    metrics_prometheus_address: str = "0.0.0.0"
+    metrics_prometheus_address: str = "127.0.0.1"
+    metrics_stream_max_age: float = 900.0
     max_message_bytes: int = 256 * 1024 * 1024
     #: Celery's ``worker_lost_wait``: how long a dead child's pipe may still deliver results
     #: before its accepted, unfinished jobs fail with WorkerLostError.
@@ -177,6 +180,12 @@ def _redis_url(name: str, value: Any) -> str | None:
         parsed.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:
         raise SettingsError(name, value, f"malformed URL ({exc})") from None
+    return value
+
+
+def _address(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
+        raise SettingsError(name, value, "expected an IP address or host name to listen on")
     return value
 
 
@@ -305,10 +314,15 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
         metrics_key_prefix=prefix,
         metrics_ttl=_float("adaptive_metrics_ttl", _conf(conf, "adaptive_metrics_ttl")) or 30.0,
         metrics_stream_length=_int("adaptive_metrics_stream_length", _conf(conf, "adaptive_metrics_stream_length"), 1) or 1000,
+        metrics_stream_max_age=_float(
+            "adaptive_metrics_stream_max_age", _conf(conf, "adaptive_metrics_stream_max_age")
+        ) or 900.0,
         metrics_prometheus_port=_int(
             "adaptive_metrics_prometheus_port", _conf(conf, "adaptive_metrics_prometheus_port"), 1, allow_none=True
         ),
-        metrics_prometheus_address=str(_conf(conf, "adaptive_metrics_prometheus_address")),
+        metrics_prometheus_address=_address(
+            "adaptive_metrics_prometheus_address", _conf(conf, "adaptive_metrics_prometheus_address")
+        ),
         max_message_bytes=_int(
             "adaptive_max_message_bytes", _conf(conf, "adaptive_max_message_bytes"), 1024
         ) or DEFAULTS["adaptive_max_message_bytes"],

@@ -18,8 +18,13 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
+from celery_adaptive.publish_time import stamp_publish_time
+
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "celery_adaptive:Pool"
+
+# Tests publish as a producer that stamps its publish time (the queue-wait metric needs it).
+stamp_publish_time()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,

@@ -42,9 +42,9 @@ app.conf.update(
     adaptive_metrics_interval=os.environ.get("TEST_METRICS_INTERVAL") or None,
     adaptive_metrics_ttl=os.environ.get("TEST_METRICS_TTL") or None,
     adaptive_metrics_stream_length=os.environ.get("TEST_METRICS_STREAM_LENGTH") or None,
+    adaptive_metrics_stream_max_age=os.environ.get("TEST_METRICS_STREAM_MAX_AGE") or None,
     adaptive_metrics_redis_url=os.environ.get("TEST_METRICS_REDIS_URL") or None,
     adaptive_metrics_prometheus_port=os.environ.get("TEST_METRICS_PROMETHEUS_PORT") or None,
-    adaptive_metrics_prometheus_address="127.0.0.1",
 )
 if os.environ.get("TEST_CONF_JSON"):  # arbitrary settings, for the bad-settings table
     import json

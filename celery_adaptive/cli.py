@@ -87,6 +87,7 @@ class LazyGroup(click.Group):
     lazy={
         "demo": "celery_adaptive.demo:demo_command",
         "top": "celery_adaptive.metrics.top:top_command",
+        "health": "celery_adaptive.health.command:health_command",
     },
 )
 def adaptive() -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import bootsteps, signals
@@ -19,6 +21,8 @@ from celery_adaptive import cpuquota, placement
 from celery_adaptive.autoscaler import AdaptiveAutoscaler, BacklogProbe, CeleryAutoscalerBridge
 from celery_adaptive.child import ChildSpec, child_main, warm_up_parent
 from celery_adaptive.djangofork import ForkHygiene
+from celery_adaptive.health import HealthMonitor, default_status_file
+from celery_adaptive.health.http import HealthServer
 from celery_adaptive.jobs import Job
 from celery_adaptive.metrics import start_for_pool as start_metrics
 from celery_adaptive.metrics.service import MetricsService
@@ -50,6 +54,12 @@ class _ConsumerLink(bootsteps.StartStopStep):
         pool = getattr(c, "pool", None)
         if isinstance(pool, Pool):
             pool.on_consumer_start(c)
+
+    def stop(self, c: Any) -> None:
+        """The consumer stops: a lost connection (Celery restarts its steps), or shutdown."""
+        pool = getattr(c, "pool", None)
+        if isinstance(pool, Pool) and pool.health is not None:
+            pool.health.consumer_stopped()
 
     def info(self, c: Any) -> dict[str, Any] | None:
         """The autoscaler's ``inspect stats`` entry (Flower's "Autoscaler options" table) when
@@ -169,6 +179,8 @@ class Pool(BasePool):
         self.supervisor: Supervisor | None = None
         self.autoscaler: AdaptiveAutoscaler | None = None
         self.metrics: MetricsService | None = None  # celery_adaptive.metrics, made in on_start
+        self.health: HealthMonitor | None = None  # celery_adaptive.health, made in on_start
+        self._health_server: HealthServer | None = None
         self._tick_timer: Any = None  # the autoscaler's next scheduled decision (a Deadline)
         self._early_timer: Any = None  # an arrival's decision, deferred to the end of the gap
         self._tick_at = 0.0
@@ -251,6 +263,8 @@ class Pool(BasePool):
         """The consumer (re)started: keep a reference, set up autoscaling once, and size the
         fresh QoS for the pool before the event loop starts consuming."""
         self.consumer = consumer
+        if self.health is not None:
+            self.health.consumer_started(event_loop=getattr(consumer, "hub", None) is not None)
         if self.supervisor is None:
             return
         worker = getattr(consumer, "controller", None)
@@ -385,7 +399,33 @@ class Pool(BasePool):
             warm_up_parent()  # children then start in ~15 ms, not ~100 ms
         self.supervisor = self._build_supervisor()
         self.supervisor.start()
-        self.metrics = start_metrics(self, self._initargs[1] if len(self._initargs) > 1 else None)
+        hostname = self._initargs[1] if len(self._initargs) > 1 else None
+        self.metrics = start_metrics(self, hostname)
+        self._start_health(hostname)
+
+    def _start_health(self, hostname: str | None) -> None:
+        """The status file (on unless adaptive_health_file is '') and the HTTP endpoint (when
+        adaptive_health_port is set); see celery_adaptive.health."""
+        settings = self.settings
+        if settings.health_file == "" and settings.health_port is None:
+            return
+        name = hostname or f"celery@{socket.gethostname()}"
+        path = None
+        if settings.health_file != "":
+            path = Path(settings.health_file) if settings.health_file else default_status_file(name)
+        self.health = HealthMonitor(name, interval=settings.health_interval, timeout=settings.health_timeout,
+                                    status_file=path, serving_count=self._serving_children)
+        self.health.start()
+        if settings.health_port is not None:
+            server = HealthServer(self.health, settings.health_address, settings.health_port)
+            if server.start():
+                self._health_server = server
+
+    def _serving_children(self) -> int:
+        """Children that have started and serve (idle or busy). From any thread (a snapshot)."""
+        if self.supervisor is None:
+            return 0
+        return sum(1 for c in self.supervisor.children() if c.state in (ChildState.IDLE, ChildState.BUSY))
 
     def did_start_ok(self) -> bool:
         return self.supervisor is not None and self.supervisor.did_start_ok()
@@ -393,6 +433,8 @@ class Pool(BasePool):
     def register_with_event_loop(self, hub: Any) -> None:
         if self.supervisor is not None:
             self.supervisor.attach_hub(hub)
+        if self.health is not None:
+            self.health.attach(hub)
 
     def on_apply(
         self,
@@ -496,10 +538,19 @@ class Pool(BasePool):
         if self.metrics is not None:
             self.metrics.stop()
 
+    def _stop_health(self) -> None:
+        """Last: during a warm shutdown the worker is alive (not ready) until its tasks end."""
+        if self._health_server is not None:
+            self._health_server.stop()
+            self._health_server = None
+        if self.health is not None:
+            self.health.stop()
+
     def on_stop(self) -> None:
         self._stop_autoscaler()
         self._stop_metrics()
         if self.supervisor is None:
+            self._stop_health()
             return
         from kombu.asynchronous import get_event_loop
 
@@ -513,13 +564,17 @@ class Pool(BasePool):
                     logger.debug("timer error during pool stop", exc_info=True)
                 _run_ready_ack_callbacks(hub)
 
-        self.supervisor.join(run_ready)
+        try:
+            self.supervisor.join(run_ready)
+        finally:
+            self._stop_health()
 
     def on_terminate(self) -> None:
         self._stop_autoscaler()
         self._stop_metrics()
         if self.supervisor is not None:
             self.supervisor.terminate()
+        self._stop_health()
 
     @property
     def num_processes(self) -> int:

@@ -45,6 +45,12 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_metrics_stream_max_age": 900.0,
     "adaptive_metrics_prometheus_port": None,
     "adaptive_metrics_prometheus_address": "127.0.0.1",
+    # None: <tmp>/celery-adaptive-health/<hostname>.json; "" writes no file.
+    "adaptive_health_file": None,
+    "adaptive_health_port": None,
+    "adaptive_health_address": "127.0.0.1",
+    "adaptive_health_interval": 1.0,
+    "adaptive_health_timeout": 10.0,
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -73,6 +79,11 @@ DESCRIPTIONS: dict[str, str] = {
     "adaptive_metrics_stream_max_age": "history stream entries older than this many seconds (Redis server time) are trimmed",
     "adaptive_metrics_prometheus_port": "serve Prometheus metrics on this port (off when unset; needs prometheus-client)",
     "adaptive_metrics_prometheus_address": "address the Prometheus endpoint listens on (no authentication: loopback unless you decide otherwise)",
+    "adaptive_health_file": "status file `celery adaptive health` reads (default <tmp>/celery-adaptive-health/<hostname>.json; '' for none)",
+    "adaptive_health_port": "serve /healthz and /readyz on this port (off when unset)",
+    "adaptive_health_address": "address the health endpoint listens on",
+    "adaptive_health_interval": "seconds between health checks of the event loop (and status file writes)",
+    "adaptive_health_timeout": "seconds without an event-loop turn after which the worker is not alive",
 }
 
 
@@ -110,6 +121,12 @@ class PoolSettings:
     max_utilization: float = 0.5
     metrics_prometheus_address: str = "127.0.0.1"
     metrics_stream_max_age: float = 900.0
+    #: None: the default path for the worker's hostname; "": no status file.
+    health_file: str | None = None
+    health_port: int | None = None
+    health_address: str = "127.0.0.1"
+    health_interval: float = 1.0
+    health_timeout: float = 10.0
     max_message_bytes: int = 256 * 1024 * 1024
     #: Celery's ``worker_lost_wait``: how long a dead child's pipe may still deliver results
     #: before its accepted, unfinished jobs fail with WorkerLostError.
@@ -186,6 +203,14 @@ def _redis_url(name: str, value: Any) -> str | None:
 def _address(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
         raise SettingsError(name, value, "expected an IP address or host name to listen on")
+    return value
+
+
+def _health_file(value: Any) -> str | None:
+    if value is None or value is False:
+        return "" if value is False else None
+    if not isinstance(value, str):
+        raise SettingsError("adaptive_health_file", value, "expected a path, or '' for no status file")
     return value
 
 
@@ -323,6 +348,11 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
         metrics_prometheus_address=_address(
             "adaptive_metrics_prometheus_address", _conf(conf, "adaptive_metrics_prometheus_address")
         ),
+        health_file=_health_file(getattr(conf, "get", lambda *_: None)("adaptive_health_file", None)),
+        health_port=_int("adaptive_health_port", _conf(conf, "adaptive_health_port"), 1, allow_none=True),
+        health_address=_address("adaptive_health_address", _conf(conf, "adaptive_health_address")),
+        health_interval=_float("adaptive_health_interval", _conf(conf, "adaptive_health_interval")) or 1.0,
+        health_timeout=_float("adaptive_health_timeout", _conf(conf, "adaptive_health_timeout")) or 10.0,
         max_message_bytes=_int(
             "adaptive_max_message_bytes", _conf(conf, "adaptive_max_message_bytes"), 1024
         ) or DEFAULTS["adaptive_max_message_bytes"],

@@ -45,6 +45,10 @@ app.conf.update(
     adaptive_metrics_stream_max_age=os.environ.get("TEST_METRICS_STREAM_MAX_AGE") or None,
     adaptive_metrics_redis_url=os.environ.get("TEST_METRICS_REDIS_URL") or None,
     adaptive_metrics_prometheus_port=os.environ.get("TEST_METRICS_PROMETHEUS_PORT") or None,
+    adaptive_health_file=os.environ.get("TEST_HEALTH_FILE") or None,
+    adaptive_health_port=os.environ.get("TEST_HEALTH_PORT") or None,
+    adaptive_health_interval=os.environ.get("TEST_HEALTH_INTERVAL") or None,
+    adaptive_health_timeout=os.environ.get("TEST_HEALTH_TIMEOUT") or None,
 )
 if os.environ.get("TEST_CONF_JSON"):  # arbitrary settings, for the bad-settings table
     import json
@@ -350,3 +354,15 @@ from celery.worker.autoscale import Autoscaler  # noqa: E402
 
 class CustomAutoscaler(Autoscaler):
     """A user's own autoscaler class (worker_autoscaler), which this pool does not use."""
+
+
+# -- health probes (tests/integration/test_health.py) -----------------------------------------
+from celery.worker.control import control_command  # noqa: E402
+
+
+@control_command(args=[("seconds", float)], signature="<seconds>")
+def block_event_loop(state: Any, seconds: float = 1.0) -> dict[str, str]:
+    """Block the worker's event loop, with no task involved: remote control commands run on
+    the loop itself. What a slow signal receiver or a stuck callback does to a worker."""
+    time.sleep(min(float(seconds), 30.0))
+    return {"ok": f"blocked {seconds} s"}

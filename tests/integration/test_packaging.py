@@ -85,5 +85,5 @@ def test_celery_command_imports_no_subcommand_of_the_plugin():
     listed = subprocess.run([sys.executable, "-m", "celery", "adaptive", "--help"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert listed.returncode == 0, listed.stderr
-    for command in ("demo", "settings", "top"):
+    for command in ("demo", "health", "settings", "top"):
         assert f"  {command} " in listed.stdout, listed.stdout

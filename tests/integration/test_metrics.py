@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -540,7 +541,10 @@ def test_prometheus_endpoint_is_loopback_and_passes_the_lint(worker_factory, bro
     from tests.promlint import lint
 
     port = free_loopback_port()
-    worker = worker_factory("-c", "2", env=_metrics_env(TEST_METRICS_PROMETHEUS_PORT=str(port)))
+    # The autoscaler on, held at 2 children: its forecast and decisions are exported too.
+    worker = worker_factory("-c", "2", env=_metrics_env(
+        TEST_METRICS_PROMETHEUS_PORT=str(port), TEST_AUTOSCALE="1", TEST_MIN_CHILDREN="2", TEST_MAX_CHILDREN="2",
+    ))
     assert _listening_addresses(worker.pid, port) == {"127.0.0.1"}, "the default bind is loopback only"
     assert [broker.send("add", 2, i).get(timeout=20) for i in range(3)] == [2, 3, 4]
     host = f'hostname="{worker.hostname}"'
@@ -551,7 +555,9 @@ def test_prometheus_endpoint_is_loopback_and_passes_the_lint(worker_factory, bro
                 text = response.read().decode()
         except OSError:
             return None
-        return text if f"celery_adaptive_task_succeeded_total{{{host}}} 3.0" in text else None
+        done = f"celery_adaptive_task_succeeded_total{{{host}}} 3.0" in text
+        # psutil's CPU reading needs two samples: wait for it, so every family has a sample.
+        return text if done and "celery_adaptive_process_cpu_usage_ratio{" in text else None
 
     text = wait_until(scrape, message="the Prometheus endpoint to count the finished tasks")
     assert lint(text) == []
@@ -565,6 +571,12 @@ def test_prometheus_endpoint_is_loopback_and_passes_the_lint(worker_factory, bro
     assert f"celery_adaptive_task_queue_wait_seconds_count{{{labels}}} 3.0" in text
     assert f"celery_adaptive_task_runtime_seconds_count{{{labels}}} 3.0" in text
     assert f'celery_adaptive_pool_wait_seconds_bucket{{{host},le="+Inf"}} 3.0' in text
+    assert f'celery_adaptive_autoscaler_decisions_total{{cause="steady",direction="hold",{host}}}' in text
+    # Every metric the dashboard and the alert rules read is in a real worker's scrape.
+    samples = {sample.name for family in families.values() for sample in family.samples}
+    monitoring = (ROOT / "monitoring" / "grafana-dashboard.json").read_text()
+    monitoring += (ROOT / "monitoring" / "prometheus-rules.yml").read_text()
+    assert set(re.findall(r"\bcelery_adaptive_[a-z0-9_]+", monitoring)) <= samples
     assert worker.stop() == []
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

@@ -50,6 +50,8 @@ app.conf.update(
     adaptive_health_interval=os.environ.get("TEST_HEALTH_INTERVAL") or None,
     adaptive_health_timeout=os.environ.get("TEST_HEALTH_TIMEOUT") or None,
 )
+if os.environ.get("TEST_LOG_FORMAT"):  # e.g. with %(name)s, to tell the pool's lines from Celery's
+    app.conf.worker_log_format = os.environ["TEST_LOG_FORMAT"]
 if os.environ.get("TEST_CONF_JSON"):  # arbitrary settings, for the bad-settings table
     import json
 
@@ -366,3 +368,18 @@ def block_event_loop(state: Any, seconds: float = 1.0) -> dict[str, str]:
     the loop itself. What a slow signal receiver or a stuck callback does to a worker."""
     time.sleep(min(float(seconds), 30.0))
     return {"ok": f"blocked {seconds} s"}
+
+
+# -- task arguments never reach the pool's logs or metrics (tests/integration/test_secrets.py)
+@app.task
+def secret_task(secret: str, how: str, seconds: float = 0.0, token: str = "") -> Any:
+    """Takes a secret argument through each of the pool's paths."""
+    if how == "raise":
+        raise ValueError(f"refused {secret}")
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "sleep":
+        time.sleep(seconds)
+    if how == "unpicklable":
+        return (secret, lambda: None)
+    return len(secret + token)

@@ -305,6 +305,20 @@ def test_worker_serves_the_example_tasks(stack):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_worker_healthcheck_passes(stack):
+    """The worker's healthcheck command, run as Docker would run it inside the container."""
+    spec = stack.compose["services"]["worker"]["healthcheck"]
+    assert spec["test"][0] == "CMD" and spec["test"][1] == "celery"
+    probe = stack.command("worker")  # the worker's environment, as in its container
+    argv = [sys.executable, "-m", "celery", *spec["test"][2:]]
+    done = subprocess.run(argv, cwd=ROOT, env=probe.env, capture_output=True, text=True, timeout=60)
+    stack.services.remove(probe)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("ready: consuming"), done.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_flower_answers_and_lists_the_worker(stack):
     worker = _worker(stack)
     hostname = host_format(worker.argv[worker.argv.index("-n") + 1])

@@ -33,3 +33,23 @@ def test_code_cites_no_document_outside_the_repository():
         and outside.search(source.read_text(errors="replace"))
     ]
     assert not offenders, f"cite docs/ instead: {offenders}"
+
+
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)|<img [^>]*src=\"([^\"]+)\"")
+
+
+def test_readme_images_are_files_of_the_repository():
+    """The README renders without a broken image: each one is a file here that git keeps
+    (bench/results/ is ignored, so its plots are copied into docs/img/ by
+    scripts/readme-images.sh)."""
+    import subprocess
+
+    readme = (ROOT / "README.md").read_text()
+    images = [a or b for a, b in IMAGE.findall(readme)]
+    assert images, "the README shows images"
+    for image in images:
+        assert "://" not in image and not image.startswith("/"), f"{image}: not a file of the repository"
+        assert image.startswith("docs/img/"), f"{image}: README images live in docs/img/"
+        assert (ROOT / image).is_file(), f"{image} is missing"
+        ignored = subprocess.run(["git", "check-ignore", "-q", image], cwd=ROOT, capture_output=True)
+        assert ignored.returncode != 0, f"{image} is ignored by git: a fresh clone would not have it"

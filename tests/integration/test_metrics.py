@@ -540,16 +540,24 @@ def _listening_addresses(pid: int, port: int) -> set[str]:
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
-def test_prometheus_endpoint_is_loopback_and_passes_the_lint(worker_factory, broker):
+def test_prometheus_endpoint_is_loopback_and_passes_the_lint(worker_factory, broker, tmp_path):
     pytest.importorskip("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
 
     from tests.promlint import lint
 
     port = free_loopback_port()
+    # The memory guard with an admission threshold, on a cgroup directory of this test's
+    # (4 GB limit, 1 GB in use: admission never pauses), so its families are exported too.
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text("4000000000\n")
+    (cgroup / "memory.current").write_text("1000000000\n")
+    memory = {"adaptive_memory_cgroup": str(cgroup), "adaptive_memory_admission_threshold": "90%"}
     # The autoscaler on, held at 2 children: its forecast and decisions are exported too.
     worker = worker_factory("-c", "2", env=_metrics_env(
         TEST_METRICS_PROMETHEUS_PORT=str(port), TEST_AUTOSCALE="1", TEST_MIN_CHILDREN="2", TEST_MAX_CHILDREN="2",
+        TEST_CONF_JSON=json.dumps(memory),
     ))
     assert _listening_addresses(worker.pid, port) == {"127.0.0.1"}, "the default bind is loopback only"
     assert [broker.send("add", 2, i).get(timeout=20) for i in range(3)] == [2, 3, 4]
@@ -578,6 +586,9 @@ def test_prometheus_endpoint_is_loopback_and_passes_the_lint(worker_factory, bro
     assert f"celery_adaptive_task_runtime_seconds_count{{{labels}}} 3.0" in text
     assert f'celery_adaptive_pool_wait_seconds_bucket{{{host},le="+Inf"}} 3.0' in text
     assert f'celery_adaptive_autoscaler_decisions_total{{cause="steady",direction="hold",{host}}}' in text
+    assert f"celery_adaptive_memory_used_bytes{{{host}}} 1e+09" in text
+    assert f"celery_adaptive_memory_admission_threshold_bytes{{{host}}} 3.6e+09" in text
+    assert f"celery_adaptive_memory_admission_paused{{{host}}} 0.0" in text
     # Every metric the dashboard and the alert rules read is in a real worker's scrape.
     samples = {sample.name for family in families.values() for sample in family.samples}
     monitoring = (ROOT / "monitoring" / "grafana-dashboard.json").read_text()

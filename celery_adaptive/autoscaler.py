@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -209,6 +209,9 @@ class AdaptiveAutoscaler:
         self.last_decision: ScalingDecision | None = None
         self.last_change: ScalingDecision | None = None
         self.history: deque[ScalingDecision] = deque(maxlen=100)
+        #: Every decision since start, by (direction, cause): both from bounded sets, so the
+        #: Prometheus counter built from it has a bounded number of series.
+        self.decision_counts: Counter[tuple[str, str]] = Counter()
 
     @property
     def bounds(self) -> tuple[int, int]:
@@ -219,6 +222,7 @@ class AdaptiveAutoscaler:
         current = self._current()
         clamped = min(max(current, min_children), max_children)
         if clamped != current:
+            self.decision_counts["up" if clamped > current else "down", "bounds"] += 1
             self._resize_to(clamped, f"bounds changed to [{min_children}, {max_children}]")
 
     def record_arrival(self, now: float, task_name: str) -> None:
@@ -260,6 +264,7 @@ class AdaptiveAutoscaler:
                     f"(would be {decision.reason})",
                 )
         self.last_forecast, self.last_decision = forecast, decision
+        self.decision_counts[decision.direction, decision.cause] += 1
         if decision.direction != "hold" and decision.target != decision.current:
             self.history.append(decision)
             self.last_change = decision
@@ -350,11 +355,29 @@ class CeleryAutoscalerBridge(Autoscaler):
         return high, low
 
     def info(self) -> dict[str, Any]:
+        """``inspect stats['autoscaler']``, which Flower shows as its "Autoscaler options" table.
+
+        Celery's keys (max, min, current, qty) first, then the forecast and the last resize.
+        Flat scalars only: Flower renders each value with ``humanize``, which shows a nested
+        dict raw and turns every ``-`` of a string into a space (hence "to", not "->").
+        """
         low, high = self.adaptive.bounds
-        out = {"max": high, "min": low, "current": self.pool.num_processes, "qty": self.qty,
-               "predictive": True}
-        if self.adaptive.last_change is not None:
-            out["last-decision"] = self.adaptive.last_change.reason
+        out: dict[str, Any] = {"max": high, "min": low, "current": self.pool.num_processes,
+                               "qty": self.qty, "predictive": True}
+        forecast = self.adaptive.last_forecast
+        if forecast is not None:
+            out["forecast-per-second"] = round(forecast.predicted_rate, 2)
+            out["arrivals-per-second"] = round(forecast.arrival_rate, 2)
+            out["service-seconds"] = round(forecast.service_time, 4)
+            out["backlog"] = forecast.backlog
+        decision = self.adaptive.last_decision
+        if decision is not None:
+            out["desired"] = decision.desired
+        change = self.adaptive.last_change
+        if change is not None:
+            out["last-decision"] = change.reason.replace("->", " to ")
+            out["last-decision-cause"] = change.cause
+            out["last-decision-age-seconds"] = round(max(0.0, self._clock() - change.at), 1)
         return out
 
 

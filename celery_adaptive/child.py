@@ -219,8 +219,8 @@ def _initialise(spec: ChildSpec) -> int | None:
     except (AttributeError, ValueError, OSError):
         pass
     if spec.start_method != "fork":
-        # A fresh interpreter: tell Celery so (see the contract, start methods) and load the
-        # modules that define tasks before the app is set up.
+        # A fresh interpreter: tell Celery so (docs/celery-pool-contract.md, section 3, "Start
+        # methods") and load the modules that define tasks before the app is set up.
         import billiard
 
         billiard.set_start_method(spec.start_method, force=True)

@@ -5,7 +5,7 @@ Two jobs:
 1. Make ``celery worker -P celery_adaptive:Pool`` (and ``-P adaptive``) valid on stock Celery.
    The ``celery`` command loads every ``celery.commands`` entry point while it is being imported,
    after ``celery.bin.worker`` has built its ``-P`` choice list and before click parses argv
-   (see ../shared/celery-pool-contract.md section 1). Importing this module adds our names to
+   (see docs/celery-pool-contract.md, section 1). Importing this module adds our names to
    that list. If a future Celery changes the internals, the patch is skipped with a debug log
    and ``worker_pool = "celery_adaptive:Pool"`` / ``-P custom`` keep working.
 2. The ``celery adaptive ...`` subcommands and the ``celery-adaptive`` script.
@@ -53,7 +53,43 @@ def register_pool_choice() -> bool:
 register_pool_choice()
 
 
-@click.group(name="adaptive", help="celery-adaptive pool tools.")
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported when they run (or when ``--help`` lists them).
+
+    The ``celery`` command imports this module for every subcommand (``celery inspect``,
+    ``celery worker``, ...); the demo alone is ~1,000 lines, so nothing behind a subcommand is
+    imported until that subcommand is asked for.
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy  # name -> "module:attribute" of a click.Command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            import importlib
+
+            module, _, attribute = self.lazy[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{self.lazy[cmd_name]} is not a click command")
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    name="adaptive",
+    cls=LazyGroup,
+    help="celery-adaptive pool tools.",
+    lazy={
+        "demo": "celery_adaptive.demo:demo_command",
+        "top": "celery_adaptive.metrics.top:top_command",
+        "health": "celery_adaptive.health.command:health_command",
+    },
+)
 def adaptive() -> None:
     pass
 
@@ -64,17 +100,6 @@ def settings_command() -> None:
 
     for line in describe_settings():
         click.echo(line)
-
-
-# The demo's options live with it; importing it is cheap (stdlib and click only).
-from celery_adaptive.demo import demo_command  # noqa: E402
-
-adaptive.add_command(demo_command)
-
-# `celery adaptive top`: cheap to import too (click, json; redis only when it runs).
-from celery_adaptive.metrics.top import top_command  # noqa: E402
-
-adaptive.add_command(top_command)
 
 
 def main(argv: list[str] | None = None) -> Any:

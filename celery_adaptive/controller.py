@@ -53,6 +53,7 @@ from typing import Literal
 from celery_adaptive.predictor import Forecast
 
 __all__ = [
+    "CAUSES",
     "Controller",
     "Direction",
     "ScalingDecision",
@@ -65,6 +66,21 @@ Direction = Literal["up", "down", "hold"]
 
 #: A queue whose oldest task has waited this fraction of the target wait is cleared urgently.
 LATE_FRACTION = 0.5
+
+#: Why a decision went the way it did, in a word (a bounded set, for metric labels; the
+#: sentence with the numbers is ``ScalingDecision.reason``).
+CAUSES = (
+    "below_minimum",  # up to the minimum
+    "above_maximum",  # down to the maximum
+    "late_queue",  # up: the oldest queued task has waited half the target wait
+    "utilization",  # up: the utilization ceiling asks for more than the wait target
+    "forecast",  # up: the forecast and backlog need more children for the wait target
+    "lower_demand",  # down: demand stayed lower for the stabilization window
+    "load_stopped",  # down: no arrival for an improbably long time
+    "stabilizing",  # hold: lower demand, not yet for the whole window
+    "steady",  # hold: the pool has what the forecast needs
+    "bounds",  # a resize ordered by new bounds (the autoscale command)
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,8 @@ class ScalingDecision:
     """What the pool should have now, after step limits and scale-down stabilization."""
     direction: Direction
     reason: str
+    cause: str = "steady"
+    """One of `CAUSES`."""
 
 
 def _check_rate_and_time(arrival_rate: float, service_time: float) -> None:
@@ -275,13 +293,13 @@ class Controller:
         peak = self._remember(now, desired)
         why = self._explain(forecast, needed, busy_bound)
 
-        def decision(target: int, direction: Direction, reason: str) -> ScalingDecision:
-            return ScalingDecision(now, current, desired, target, direction, reason)
+        def decision(target: int, direction: Direction, reason: str, cause: str) -> ScalingDecision:
+            return ScalingDecision(now, current, desired, target, direction, reason, cause)
 
         # Bounds are orders, not forecasts: they apply at once and ignore step limits.
         if current > high:
             return decision(
-                high, "down", f"down {current}->{high}: above the maximum {high}; {why}"
+                high, "down", f"down {current}->{high}: above the maximum {high}; {why}", "above_maximum"
             )
         if desired > current:
             step = desired - current if self.max_step_up is None else self.max_step_up
@@ -292,7 +310,15 @@ class Controller:
                 note = f" (step limited to +{step})"
             else:
                 note = ""
-            return decision(target, "up", f"up {current}->{target}{note}: {why}")
+            if current < low:
+                cause = "below_minimum"
+            elif late:
+                cause = "late_queue"
+            elif busy_bound:
+                cause = "utilization"
+            else:
+                cause = "forecast"
+            return decision(target, "up", f"up {current}->{target}{note}: {why}", cause)
 
         stabilized = min(peak, high)
         waited = now - self._first_at >= self.stabilization_s
@@ -303,6 +329,7 @@ class Controller:
                 "down",
                 f"down {current}->{target}: demand stayed at or below {stabilized} children "
                 f"for {self.stabilization_s:g} s; {why}",
+                "load_stopped" if forecast.quiet_s else "lower_demand",
             )
         if stabilized < current:
             return decision(
@@ -310,6 +337,7 @@ class Controller:
                 "hold",
                 f"hold {current}: {why}; shrinking only after {self.stabilization_s:g} s of "
                 f"lower demand",
+                "stabilizing",
             )
         if desired < current:
             return decision(
@@ -317,8 +345,9 @@ class Controller:
                 "hold",
                 f"hold {current}: {why}; {stabilized} were needed within the last "
                 f"{self.stabilization_s:g} s",
+                "stabilizing",
             )
-        return decision(current, "hold", f"hold {current}: {why}")
+        return decision(current, "hold", f"hold {current}: {why}", "steady")
 
     def _step_down(self) -> int:
         if self.step_down_share is None:

@@ -19,7 +19,7 @@ class Job:
         "job_id", "target", "args", "kwargs", "callback", "error_callback", "accept_callback",
         "timeout_callback", "soft_timeout", "hard_timeout", "correlation_id", "task_name",
         "affinity_key", "submitted_at", "child_id", "pid", "accepted_at", "terminate_signal",
-        "reported", "soft_timer", "hard_timer", "__weakref__",
+        "reported", "soft_timer", "hard_timer", "queue", "publish_wait", "__weakref__",
     )
 
     def __init__(
@@ -62,13 +62,17 @@ class Job:
         self.reported = False
         self.soft_timer: Any = None
         self.hard_timer: Any = None
+        #: For metrics: the message's routing key (the queue, under default routing), and the
+        #: seconds from its publish (see `celery_adaptive.publish_time`) to the pool receiving it.
+        self.queue: str | None = None
+        self.publish_wait: float | None = None
 
     def terminate(self, signum: int | None = None) -> None:
         self.terminate_signal = signum
 
     def is_revoked(self) -> bool:
         """Ask the Celery request whether it was revoked; for a revoked one this acks the
-        message and records REVOKED (contract section 2), so skipping it loses nothing."""
+        message and records REVOKED (docs/celery-pool-contract.md, section 2), so skipping it loses nothing."""
         request = getattr(self.callback, "__self__", None)
         revoked = getattr(request, "revoked", None)
         if revoked is None:

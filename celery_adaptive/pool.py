@@ -1,6 +1,6 @@
 """The Celery adapter: a thin `BasePool` subclass with no policy in it.
 
-It translates Celery's calls (see ../shared/celery-pool-contract.md) into the supervisor's,
+It translates Celery's calls (see docs/celery-pool-contract.md) into the supervisor's,
 and the supervisor's results back into Celery's callbacks. Scheduling lives in
 `scheduler`, sizing in `controller`, process management in `supervisor`.
 """
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
+import time
+from pathlib import Path
 from typing import Any
 
 from celery import bootsteps, signals
@@ -19,6 +22,8 @@ from celery_adaptive.autoscaler import AdaptiveAutoscaler, BacklogProbe, CeleryA
 from celery_adaptive.child import ChildSpec, ForkedChildProcess, child_main, warm_up_parent
 from celery_adaptive.djangofork import ForkHygiene
 from celery_adaptive.errors import SettingsError
+from celery_adaptive.health import HealthMonitor, default_status_file
+from celery_adaptive.health.http import HealthServer
 from celery_adaptive.jobs import Job
 from celery_adaptive.memory.cgroup import SystemMemorySource
 from celery_adaptive.memory.policy import MemoryConfig
@@ -28,6 +33,7 @@ from celery_adaptive.metrics import start_for_pool as start_metrics
 from celery_adaptive.metrics.events import send_memory_event
 from celery_adaptive.metrics.service import MetricsService
 from celery_adaptive.prefetch import PrefetchLink
+from celery_adaptive.publish_time import publish_wait
 from celery_adaptive.scheduler import Scheduler
 from celery_adaptive.settings import PoolSettings, build_settings, unhonoured_settings
 from celery_adaptive.supervisor import (
@@ -44,7 +50,7 @@ logger = logging.getLogger("celery_adaptive")
 
 class _ConsumerLink(bootsteps.StartStopStep):
     """Gives the pool a reference to the consumer, to move prefetch with capacity
-    (contract section 5). Celery has no public way to reach the consumer from the pool."""
+    (docs/celery-pool-contract.md, section 5). Celery has no public way to reach the consumer from the pool."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
@@ -55,6 +61,22 @@ class _ConsumerLink(bootsteps.StartStopStep):
         pool = getattr(c, "pool", None)
         if isinstance(pool, Pool):
             pool.on_consumer_start(c)
+
+    def stop(self, c: Any) -> None:
+        """The consumer stops: a lost connection (Celery restarts its steps), or shutdown."""
+        pool = getattr(c, "pool", None)
+        if isinstance(pool, Pool) and pool.health is not None:
+            pool.health.consumer_stopped()
+
+    def info(self, c: Any) -> dict[str, Any] | None:
+        """The autoscaler's ``inspect stats`` entry (Flower's "Autoscaler options" table) when
+        it runs without ``--autoscale``: Celery adds that entry only from its Autoscaler step,
+        which ``adaptive_autoscale = True`` alone does not enable. With the step, its entry is
+        the same object's."""
+        bridge = getattr(getattr(c, "controller", None), "autoscaler", None)
+        if isinstance(getattr(c, "pool", None), Pool) and isinstance(bridge, CeleryAutoscalerBridge):
+            return {"autoscaler": bridge.info()}
+        return None
 
 
 def _run_ready_ack_callbacks(hub: Any) -> None:
@@ -166,6 +188,8 @@ class Pool(BasePool):
         self.metrics: MetricsService | None = None  # celery_adaptive.metrics, made in on_start
         self.memory_watcher: MemoryWatcher | None = None  # celery_adaptive.memory, in on_start
         self._memory_source: SystemMemorySource | None = None
+        self.health: HealthMonitor | None = None  # celery_adaptive.health, made in on_start
+        self._health_server: HealthServer | None = None
         self._tick_timer: Any = None  # the autoscaler's next scheduled decision (a Deadline)
         self._early_timer: Any = None  # an arrival's decision, deferred to the end of the gap
         self._tick_at = 0.0
@@ -323,6 +347,8 @@ class Pool(BasePool):
         """The consumer (re)started: keep a reference, set up autoscaling once, and size the
         fresh QoS for the pool before the event loop starts consuming."""
         self.consumer = consumer
+        if self.health is not None:
+            self.health.consumer_started(event_loop=getattr(consumer, "hub", None) is not None)
         if self.supervisor is None:
             return
         worker = getattr(consumer, "controller", None)
@@ -457,8 +483,34 @@ class Pool(BasePool):
             warm_up_parent()  # children then start in ~15 ms, not ~100 ms
         self.supervisor = self._build_supervisor()
         self.supervisor.start()
+        hostname = self._initargs[1] if len(self._initargs) > 1 else None
         self._start_memory_watcher()
-        self.metrics = start_metrics(self, self._initargs[1] if len(self._initargs) > 1 else None)
+        self.metrics = start_metrics(self, hostname)
+        self._start_health(hostname)
+
+    def _start_health(self, hostname: str | None) -> None:
+        """The status file (on unless adaptive_health_file is '') and the HTTP endpoint (when
+        adaptive_health_port is set); see celery_adaptive.health."""
+        settings = self.settings
+        if settings.health_file == "" and settings.health_port is None:
+            return
+        name = hostname or f"celery@{socket.gethostname()}"
+        path = None
+        if settings.health_file != "":
+            path = Path(settings.health_file) if settings.health_file else default_status_file(name)
+        self.health = HealthMonitor(name, interval=settings.health_interval, timeout=settings.health_timeout,
+                                    status_file=path, serving_count=self._serving_children)
+        self.health.start()
+        if settings.health_port is not None:
+            server = HealthServer(self.health, settings.health_address, settings.health_port)
+            if server.start():
+                self._health_server = server
+
+    def _serving_children(self) -> int:
+        """Children that have started and serve (idle or busy). From any thread (a snapshot)."""
+        if self.supervisor is None:
+            return 0
+        return sum(1 for c in self.supervisor.children() if c.state in (ChildState.IDLE, ChildState.BUSY))
 
     def did_start_ok(self) -> bool:
         return self.supervisor is not None and self.supervisor.did_start_ok()
@@ -466,6 +518,8 @@ class Pool(BasePool):
     def register_with_event_loop(self, hub: Any) -> None:
         if self.supervisor is not None:
             self.supervisor.attach_hub(hub)
+        if self.health is not None:
+            self.health.attach(hub)
 
     def on_apply(
         self,
@@ -493,6 +547,12 @@ class Pool(BasePool):
             correlation_id=correlation_id, task_name=task_name, affinity_key=key,
             submitted_at=self.supervisor.clock.now(),
         )
+        if self.metrics is not None and len(args) > 2 and isinstance(args[2], dict):
+            request = args[2]
+            delivery = request.get("delivery_info")
+            routing = delivery.get("routing_key") if isinstance(delivery, dict) else None
+            job.queue = routing if isinstance(routing, str) else None
+            job.publish_wait = publish_wait(request, time.time())
         self.supervisor.submit(job)
         if self.autoscaler is not None:
             self.autoscaler.record_arrival(job.submitted_at, task_name)
@@ -563,11 +623,20 @@ class Pool(BasePool):
         if self.metrics is not None:
             self.metrics.stop()
 
+    def _stop_health(self) -> None:
+        """Last: during a warm shutdown the worker is alive (not ready) until its tasks end."""
+        if self._health_server is not None:
+            self._health_server.stop()
+            self._health_server = None
+        if self.health is not None:
+            self.health.stop()
+
     def on_stop(self) -> None:
         self._stop_autoscaler()
         self._stop_metrics()
         if self.supervisor is None:
             self._stop_memory_watcher()
+            self._stop_health()
             return
         from kombu.asynchronous import get_event_loop
 
@@ -582,8 +651,11 @@ class Pool(BasePool):
                 _run_ready_ack_callbacks(hub)
 
         # The watcher keeps reading while running tasks finish: their limits still hold.
-        self.supervisor.join(run_ready)
-        self._stop_memory_watcher()
+        try:
+            self.supervisor.join(run_ready)
+        finally:
+            self._stop_memory_watcher()
+            self._stop_health()
 
     def on_terminate(self) -> None:
         self._stop_autoscaler()
@@ -591,10 +663,11 @@ class Pool(BasePool):
         self._stop_memory_watcher()
         if self.supervisor is not None:
             self.supervisor.terminate()
+        self._stop_health()
 
     @property
     def num_processes(self) -> int:
-        # Capacity, not the busy count (contract section 2).
+        # Capacity, not the busy count (docs/celery-pool-contract.md, section 2).
         return self.supervisor.target if self.supervisor is not None else int(self.limit or 0)
 
     def _get_info(self) -> dict[str, Any]:

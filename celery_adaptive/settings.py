@@ -44,8 +44,15 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_metrics_key_prefix": "celery-adaptive",
     "adaptive_metrics_ttl": 30.0,
     "adaptive_metrics_stream_length": 1000,
+    "adaptive_metrics_stream_max_age": 900.0,
     "adaptive_metrics_prometheus_port": None,
-    "adaptive_metrics_prometheus_address": "0.0.0.0",
+    "adaptive_metrics_prometheus_address": "127.0.0.1",
+    # None: <tmp>/celery-adaptive-health/<hostname>.json; "" writes no file.
+    "adaptive_health_file": None,
+    "adaptive_health_port": None,
+    "adaptive_health_address": "127.0.0.1",
+    "adaptive_health_interval": 1.0,
+    "adaptive_health_timeout": 10.0,
     "adaptive_memory_interval": 0.25,
     "adaptive_memory_soft_limit": None,
     "adaptive_memory_hard_limit": None,
@@ -74,12 +81,18 @@ DESCRIPTIONS: dict[str, str] = {
     "adaptive_max_message_bytes": "largest message a child may send (a task's pickled result); a child over it is replaced",
     "adaptive_metrics_enabled": "publish metrics (events, Redis)",
     "adaptive_metrics_interval": "seconds between metric snapshots",
-    "adaptive_metrics_redis_url": "Redis for metrics (default: the broker, when it is Redis)",
+    "adaptive_metrics_redis_url": "Redis for metrics (default: the broker, when it is Redis; every key is bounded in size and time)",
     "adaptive_metrics_key_prefix": "prefix of the metrics keys in Redis",
     "adaptive_metrics_ttl": "seconds a worker's snapshot key lives without refresh",
-    "adaptive_metrics_stream_length": "entries kept in each worker's history stream",
+    "adaptive_metrics_stream_length": "at most this many entries in each worker's history stream",
+    "adaptive_metrics_stream_max_age": "history stream entries older than this many seconds (Redis server time) are trimmed",
     "adaptive_metrics_prometheus_port": "serve Prometheus metrics on this port (off when unset; needs prometheus-client)",
-    "adaptive_metrics_prometheus_address": "address the Prometheus endpoint listens on",
+    "adaptive_metrics_prometheus_address": "address the Prometheus endpoint listens on (no authentication: loopback unless you decide otherwise)",
+    "adaptive_health_file": "status file `celery adaptive health` reads (default <tmp>/celery-adaptive-health/<hostname>.json; '' for none)",
+    "adaptive_health_port": "serve /healthz and /readyz on this port (off when unset)",
+    "adaptive_health_address": "address the health endpoint listens on",
+    "adaptive_health_interval": "seconds between health checks of the event loop (and status file writes)",
+    "adaptive_health_timeout": "seconds without an event-loop turn after which the worker is not alive",
     "adaptive_memory_interval": "seconds between readings of the children's memory (0: no watcher, no limits)",
     "adaptive_memory_soft_limit": "RSS per child ('512MiB', '1.5GB', '40%', or KiB) above which it finishes its task and is replaced",
     "adaptive_memory_hard_limit": "RSS per child above which its task fails with MemoryLimitExceeded (a WorkerLostError) and it is killed",
@@ -122,7 +135,14 @@ class PoolSettings:
     metrics_stream_length: int
     metrics_prometheus_port: int | None = None
     max_utilization: float = 0.5
-    metrics_prometheus_address: str = "0.0.0.0"
+    metrics_prometheus_address: str = "127.0.0.1"
+    metrics_stream_max_age: float = 900.0
+    #: None: the default path for the worker's hostname; "": no status file.
+    health_file: str | None = None
+    health_port: int | None = None
+    health_address: str = "127.0.0.1"
+    health_interval: float = 1.0
+    health_timeout: float = 10.0
     max_message_bytes: int = 256 * 1024 * 1024
     #: Celery's ``worker_lost_wait``: how long a dead child's pipe may still deliver results
     #: before its accepted, unfinished jobs fail with WorkerLostError.
@@ -201,6 +221,20 @@ def _redis_url(name: str, value: Any) -> str | None:
         parsed.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:
         raise SettingsError(name, value, f"malformed URL ({exc})") from None
+    return value
+
+
+def _address(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
+        raise SettingsError(name, value, "expected an IP address or host name to listen on")
+    return value
+
+
+def _health_file(value: Any) -> str | None:
+    if value is None or value is False:
+        return "" if value is False else None
+    if not isinstance(value, str):
+        raise SettingsError("adaptive_health_file", value, "expected a path, or '' for no status file")
     return value
 
 
@@ -375,10 +409,20 @@ def build_settings(conf: Mapping[str, Any] | Any, options: Mapping[str, Any]) ->
         metrics_key_prefix=prefix,
         metrics_ttl=_float("adaptive_metrics_ttl", _conf(conf, "adaptive_metrics_ttl")) or 30.0,
         metrics_stream_length=_int("adaptive_metrics_stream_length", _conf(conf, "adaptive_metrics_stream_length"), 1) or 1000,
+        metrics_stream_max_age=_float(
+            "adaptive_metrics_stream_max_age", _conf(conf, "adaptive_metrics_stream_max_age")
+        ) or 900.0,
         metrics_prometheus_port=_int(
             "adaptive_metrics_prometheus_port", _conf(conf, "adaptive_metrics_prometheus_port"), 1, allow_none=True
         ),
-        metrics_prometheus_address=str(_conf(conf, "adaptive_metrics_prometheus_address")),
+        metrics_prometheus_address=_address(
+            "adaptive_metrics_prometheus_address", _conf(conf, "adaptive_metrics_prometheus_address")
+        ),
+        health_file=_health_file(getattr(conf, "get", lambda *_: None)("adaptive_health_file", None)),
+        health_port=_int("adaptive_health_port", _conf(conf, "adaptive_health_port"), 1, allow_none=True),
+        health_address=_address("adaptive_health_address", _conf(conf, "adaptive_health_address")),
+        health_interval=_float("adaptive_health_interval", _conf(conf, "adaptive_health_interval")) or 1.0,
+        health_timeout=_float("adaptive_health_timeout", _conf(conf, "adaptive_health_timeout")) or 10.0,
         max_message_bytes=_int(
             "adaptive_max_message_bytes", _conf(conf, "adaptive_max_message_bytes"), 1024
         ) or DEFAULTS["adaptive_max_message_bytes"],

@@ -25,11 +25,15 @@ from celery import Celery
 from celery.result import AsyncResult
 from kombu import Connection
 
+from celery_adaptive.publish_time import stamp_publish_time
+
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "celery_adaptive:Pool"
 
 # Runs a test once per broker: it overrides the `broker_kind` fixture (tests/conftest.py).
 both_brokers = pytest.mark.parametrize("broker_kind", ["redis", "amqp"])
+# Tests publish as a producer that stamps its publish time (the queue-wait metric needs it).
+stamp_publish_time()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,

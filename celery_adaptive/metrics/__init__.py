@@ -51,7 +51,7 @@ def start_for_pool(pool: Any, hostname: str | None) -> MetricsService | None:
     else:
         publisher = RedisPublisher(
             url, prefix=settings.metrics_key_prefix, hostname=name, ttl=settings.metrics_ttl,
-            stream_length=settings.metrics_stream_length,
+            stream_length=settings.metrics_stream_length, stream_max_age=settings.metrics_stream_max_age,
         )
         logger.debug("Publishing pool metrics to %s", safe_url(url))
     broker_url = redis_url_of_broker(conf)

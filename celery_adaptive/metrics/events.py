@@ -1,7 +1,7 @@
 """The ``worker-adaptive-metrics`` Celery event.
 
 Sent on the event-loop thread through the consumer's event dispatcher, read afresh for every
-event because Celery recreates it on each reconnect (contract section 6). ``worker-*`` events
+event because Celery recreates it on each reconnect (docs/celery-pool-contract.md, section 6). ``worker-*`` events
 go out whenever the dispatcher is enabled (heartbeats or gossip on, or ``-E``).
 
 ``celery.events.State`` and Flower treat every ``worker-*`` event as a heartbeat and copy its

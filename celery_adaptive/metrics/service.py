@@ -125,7 +125,11 @@ class MetricsService:
         """Supervisor hook, once per reported job: record its name and times only."""
         accepted = job.accepted_at
         wait = max(0.0, accepted - job.submitted_at) if accepted is not None else None
-        self._completions.append(Completion(self.supervisor.clock.now(), job.task_name, wait, runtime))
+        before = job.publish_wait
+        queue_wait = before + wait if before is not None and wait is not None else None
+        self._completions.append(
+            Completion(self.supervisor.clock.now(), job.task_name, wait, runtime, job.queue or "", queue_wait)
+        )
         self._completed += 1
 
     def summary(self) -> dict[str, Any]:
@@ -214,6 +218,7 @@ class MetricsService:
             broker_queues=self._queue_names() if self._broker_backlog is not None else (),
             broker_backlog=getattr(probe, "value", None),
             memory=memory.describe(now) if memory is not None else None,
+            decisions=dict(getattr(scaler, "decision_counts", None) or {}),
         )
 
     def _queue_names(self) -> tuple[str, ...]:
@@ -252,7 +257,7 @@ class MetricsService:
                     return
                 self.supervisor.call_later(0.0, lambda s=snapshot: self._emit(s), "metrics-event")
             if self.publisher is not None:
-                self.publisher.offer(snapshot.to_dict())
+                self.publisher.offer(snapshot.to_dict(), snapshot.to_history())
 
     def _sample(self, reading: PoolReading) -> Snapshot:
         processes = self._processes.sample(c.pid for c in reading.children)

@@ -26,6 +26,8 @@ from itertools import chain
 from operator import attrgetter
 from typing import Any, NamedTuple
 
+from celery_adaptive.metrics.histograms import Histogram, HistogramSeries
+
 #: Bumped when a published field changes meaning or disappears.
 SCHEMA_VERSION = 1
 #: Queue wait and run time percentiles cover the completions of the last this many seconds.
@@ -52,6 +54,11 @@ class Completion(NamedTuple):
     """From the pool receiving the job to a child starting it; None if it never started."""
     run_s: float | None
     """Run time the child measured; None when the child did not report one (lost, killed)."""
+    queue: str = ""
+    """The message's routing key (its queue under default routing); "" when unknown."""
+    queue_wait_s: float | None = None
+    """From the producer publishing it to a child starting it (see `publish_time`); None
+    when the message carries no publish time or the job never started."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,8 @@ class PoolReading:
     """Messages waiting in the broker, when something on L already knows (the autoscaler)."""
     memory: Mapping[str, Any] | None = None
     """The memory guard's state (`MemoryControl.describe`), when the watcher runs."""
+    decisions: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """The autoscaler's decisions since start by (direction, cause)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,10 @@ class Snapshot:
     host: HostReading
     autoscaler: Mapping[str, Any] | None = None
     memory: Mapping[str, Any] | None = None
+    decisions: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    histograms: Mapping[str, tuple[HistogramSeries, ...]] = field(default_factory=dict)
+    """Cumulative since start (`histograms`): ``runtime`` and ``queue_wait`` by (task name,
+    queue), ``pool_wait`` unlabelled. For Prometheus only; not published to Redis or events."""
     schema: int = field(default=SCHEMA_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,7 +235,46 @@ class Snapshot:
             "autoscaler": dict(self.autoscaler) if self.autoscaler else None,
             "memory": dict(self.memory) if self.memory else None,
         }
-        return prune_none(data)
+        return rounded(prune_none(data))
+
+    def to_history(self) -> dict[str, str]:
+        """One entry of the Redis history stream: `HISTORY_FIELDS`, flat, as short strings.
+
+        Every entry has the same fields in the same order ("" for what was not measured), so
+        Redis stores the field names once per stream node and only the values per entry
+        (about 120 bytes, against ~3.3 KB for the whole snapshot as JSON).
+        """
+        wait = self.latency.wait
+        run = self.latency.run
+        forecast = (self.autoscaler or {}).get("forecast")
+        change = (self.autoscaler or {}).get("change")
+        values: dict[str, Any] = {
+            "seq": self.seq,
+            "taken_at_ms": int(self.taken_at * 1000),
+            "children": self.children_current,
+            "target": self.target,
+            "min": self.min_children,
+            "max": self.max_children,
+            "busy": self.states.get("busy", 0),
+            "queued": self.queued,
+            "in_flight": self.in_flight,
+            "received": self.tasks.get("received", 0),
+            "succeeded": self.tasks.get("succeeded", 0),
+            "failed": self.tasks.get("failed", 0),
+            "lost": self.tasks.get("lost", 0),
+            "utilization": self.utilization,
+            "arrivals_per_s": self.arrivals_per_s,
+            "completions_per_s": self.completions_per_s,
+            "wait_p99_s": wait.p99 if wait is not None else None,
+            "run_p99_s": run.p99 if run is not None else None,
+            "broker_backlog": self.broker_backlog,
+            "cpu_percent": self.cpu_percent,
+            "rss_bytes": self.rss_bytes,
+            "forecast_per_s": forecast.get("predicted_rate") if isinstance(forecast, Mapping) else None,
+            "scaled": (f"{change.get('direction')}:{change.get('target')}"
+                       if isinstance(change, Mapping) else None),
+        }
+        return {name: _short(value) for name, value in values.items()}
 
     def summary(self) -> dict[str, Any]:
         """A compact, flat view for ``celery inspect stats`` (Flower's Pool tab shows it)."""
@@ -252,7 +304,7 @@ class Snapshot:
         if self.memory:
             for key in ("admission", "used_bytes", "limit_bytes", "held", "pauses", "paused_s"):
                 out[f"memory_{key}"] = self.memory.get(key)
-        return prune_none(out)
+        return rounded(prune_none(out))
 
 
 def _latency_dict(stats: LatencyStats) -> dict[str, Any]:
@@ -263,6 +315,38 @@ def _latency_dict(stats: LatencyStats) -> dict[str, Any]:
             "run": dataclasses.asdict(stats.run) if stats.run is not None else None,
         }
     )
+
+
+#: The fields of a history stream entry (`Snapshot.to_history`), in order.
+HISTORY_FIELDS = (
+    "seq", "taken_at_ms", "children", "target", "min", "max", "busy", "queued", "in_flight",
+    "received", "succeeded", "failed", "lost", "utilization", "arrivals_per_s",
+    "completions_per_s", "wait_p99_s", "run_p99_s", "broker_backlog", "cpu_percent", "rss_bytes",
+    "forecast_per_s", "scaled",
+)
+
+
+def _short(value: Any) -> str:
+    """A stream value: "" when unmeasured, integers as such, floats to 4 significant digits."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return ""
+        return f"{value:.4g}"
+    return str(value)
+
+
+def rounded(value: Any) -> Any:
+    """Floats to 4 decimals (0.1 ms for seconds) in nested data: the published JSON carries no
+    digits a reader could use, and every snapshot is smaller for it."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
 
 
 def prune_none(value: Any) -> Any:
@@ -440,6 +524,9 @@ class Aggregator:
         self._seq = 0
         self._previous: PoolReading | None = None
         self._busy_before: dict[int, tuple[float, float]] = {}
+        self.runtime = Histogram(2)  # (task name, queue)
+        self.queue_wait = Histogram(2)  # (task name, queue): publish -> start
+        self.pool_wait = Histogram(0)  # received by the pool -> start
 
     def aggregate(
         self,
@@ -452,6 +539,13 @@ class Aggregator:
         self._seq += 1
         self.window.extend(reading.completions)
         overall, by_task = self.window.stats(reading.at)
+        for done in reading.completions:
+            if done.run_s is not None:
+                self.runtime.observe((done.task_name, done.queue), done.run_s)
+            if done.queue_wait_s is not None:
+                self.queue_wait.observe((done.task_name, done.queue), done.queue_wait_s)
+            if done.wait_s is not None:
+                self.pool_wait.observe((), done.wait_s)
 
         children: list[ChildMetrics] = []
         seen: dict[int, tuple[float, float]] = {}
@@ -517,6 +611,12 @@ class Aggregator:
             host=host or HostReading(),
             autoscaler=reading.autoscaler,
             memory=reading.memory,
+            decisions=dict(reading.decisions),
+            histograms={
+                "runtime": self.runtime.series(),
+                "queue_wait": self.queue_wait.series(),
+                "pool_wait": self.pool_wait.series(),
+            },
         )
 
 

@@ -1,18 +1,27 @@
 """Where metrics live in Redis: key names, which Redis, and the client settings.
 
 Keys (``P`` is ``adaptive_metrics_key_prefix``, default ``celery-adaptive``; ``H`` the worker's
-hostname, e.g. ``celery@web1``):
+hostname, e.g. ``celery@web1``). Every key is bounded in size and expires, so metrics can share
+the broker's Redis (the default when the broker is Redis) without growing under
+``maxmemory``/``noeviction``; ``adaptive_metrics_redis_url`` moves them to another Redis or DB.
 
 ``P:worker:H``
-    String: the latest snapshot as JSON. Expires ``adaptive_metrics_ttl`` seconds after the
-    last publish, so a dead worker's entry vanishes.
+    String: the latest snapshot as JSON (a few KB). Expires ``adaptive_metrics_ttl`` seconds
+    after the last publish, so a dead worker's entry vanishes.
 ``P:stream:H``
-    Stream: one entry per snapshot, field ``snapshot`` = the same JSON. Capped with
-    ``XADD MAXLEN ~ adaptive_metrics_stream_length`` and expiring like the latest key.
+    Stream: one compact entry per snapshot (`Snapshot.to_history`: ~20 flat fields, about
+    100 bytes). Trimmed by age with ``XADD MINID ~`` (``adaptive_metrics_stream_max_age``
+    seconds of Redis server time; stream IDs are the server's clock) and by count with
+    ``XTRIM MAXLEN ~ adaptive_metrics_stream_length``; expires like the latest key.
 ``P:workers``
-    Sorted set: hostname -> epoch seconds of its last snapshot. Readers (``celery adaptive
-    top``) list workers from it; publishers drop members older than the TTL, and the set
+    Sorted set: hostname -> Redis server time (seconds) of its last publish. Readers (``celery
+    adaptive top``) list workers from it and age them against the server's ``TIME``, never
+    against a worker's wall clock; publishers drop members older than the TTL, and the set
     itself expires when no worker publishes.
+``P:owner:H``
+    String: the id (host/pid/random) of the worker process publishing under ``H``, with the
+    same TTL. A publisher that keeps finding another process's id there warns that two workers
+    share one hostname (their snapshots would overwrite each other).
 
 Shared by the publisher (worker side) and ``top`` (reader side), so both agree.
 """
@@ -23,7 +32,6 @@ from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_PREFIX = "celery-adaptive"
-STREAM_FIELD = "snapshot"
 
 
 def latest_key(prefix: str, hostname: str) -> str:
@@ -36,6 +44,16 @@ def stream_key(prefix: str, hostname: str) -> str:
 
 def index_key(prefix: str) -> str:
     return f"{prefix}:workers"
+
+
+def owner_key(prefix: str, hostname: str) -> str:
+    return f"{prefix}:owner:{hostname}"
+
+
+def server_time(client: Any) -> float:
+    """The Redis server's clock, in seconds (the one clock every worker and reader shares)."""
+    seconds, micros = client.time()
+    return float(seconds) + float(micros) / 1e6
 
 
 def redis_url_of_broker(conf: Mapping[str, Any] | Any) -> str | None:

@@ -23,6 +23,7 @@ from celery_adaptive.metrics.store import (
     make_client,
     resolve_redis_url,
     safe_url,
+    server_time,
 )
 
 DEFAULT_WIDTH = 80
@@ -32,13 +33,20 @@ CLEAR = "\x1b[H\x1b[2J"
 
 # ---------------------------------------------------------------------------- reading
 def load_snapshots(client: Any, prefix: str) -> list[dict[str, Any]]:
-    """The latest snapshot of every worker in the index whose key has not expired."""
-    hosts = [h.decode() if isinstance(h, bytes) else str(h) for h in client.zrange(index_key(prefix), 0, -1)]
-    if not hosts:
+    """The latest snapshot of every worker in the index whose key has not expired.
+
+    Each gets ``seen_s``: seconds since it was published, by the Redis server's clock (the
+    index scores and ``TIME``), so a worker whose clock is off is not shown as stale or fresh
+    for that reason.
+    """
+    members = client.zrange(index_key(prefix), 0, -1, withscores=True)
+    if not members:
         return []
-    raw = client.mget([latest_key(prefix, h) for h in hosts])
+    now = server_time(client)
+    hosts = [(h.decode() if isinstance(h, bytes) else str(h), float(score)) for h, score in members]
+    raw = client.mget([latest_key(prefix, h) for h, _ in hosts])
     out: list[dict[str, Any]] = []
-    for value in raw:
+    for (_host, published), value in zip(hosts, raw, strict=True):
         if value is None:
             continue
         try:
@@ -46,6 +54,7 @@ def load_snapshots(client: Any, prefix: str) -> list[dict[str, Any]]:
         except ValueError:
             continue
         if isinstance(snapshot, dict):
+            snapshot["seen_s"] = max(0.0, now - published)
             out.append(snapshot)
     return sorted(out, key=lambda s: str(s.get("hostname", "")))
 
@@ -115,7 +124,11 @@ def render_worker(snapshot: Mapping[str, Any], now: float, width: int = DEFAULT_
     tasks = pool.get("tasks") or {}
     taken_at = snapshot.get("taken_at")
     interval = float(snapshot.get("interval") or 2.0)
-    age = None if taken_at is None else max(0.0, now - float(taken_at))
+    seen = snapshot.get("seen_s")  # server time (load_snapshots); else the reader's clock
+    if isinstance(seen, (int, float)):
+        age: float | None = float(seen)
+    else:
+        age = None if taken_at is None else max(0.0, now - float(taken_at))
     stale = age is not None and age > 3 * interval
     seen = "-" if age is None else f"{age:.1f}s ago" + (" STALE" if stale else "")
     status = (

@@ -42,10 +42,16 @@ app.conf.update(
     adaptive_metrics_interval=os.environ.get("TEST_METRICS_INTERVAL") or None,
     adaptive_metrics_ttl=os.environ.get("TEST_METRICS_TTL") or None,
     adaptive_metrics_stream_length=os.environ.get("TEST_METRICS_STREAM_LENGTH") or None,
+    adaptive_metrics_stream_max_age=os.environ.get("TEST_METRICS_STREAM_MAX_AGE") or None,
     adaptive_metrics_redis_url=os.environ.get("TEST_METRICS_REDIS_URL") or None,
     adaptive_metrics_prometheus_port=os.environ.get("TEST_METRICS_PROMETHEUS_PORT") or None,
-    adaptive_metrics_prometheus_address="127.0.0.1",
+    adaptive_health_file=os.environ.get("TEST_HEALTH_FILE") or None,
+    adaptive_health_port=os.environ.get("TEST_HEALTH_PORT") or None,
+    adaptive_health_interval=os.environ.get("TEST_HEALTH_INTERVAL") or None,
+    adaptive_health_timeout=os.environ.get("TEST_HEALTH_TIMEOUT") or None,
 )
+if os.environ.get("TEST_LOG_FORMAT"):  # e.g. with %(name)s, to tell the pool's lines from Celery's
+    app.conf.worker_log_format = os.environ["TEST_LOG_FORMAT"]
 if os.environ.get("TEST_CONF_JSON"):  # arbitrary settings, for the bad-settings table
     import json
 
@@ -399,3 +405,30 @@ from celery.worker.autoscale import Autoscaler  # noqa: E402
 
 class CustomAutoscaler(Autoscaler):
     """A user's own autoscaler class (worker_autoscaler), which this pool does not use."""
+
+
+# -- health probes (tests/integration/test_health.py) -----------------------------------------
+from celery.worker.control import control_command  # noqa: E402
+
+
+@control_command(args=[("seconds", float)], signature="<seconds>")
+def block_event_loop(state: Any, seconds: float = 1.0) -> dict[str, str]:
+    """Block the worker's event loop, with no task involved: remote control commands run on
+    the loop itself. What a slow signal receiver or a stuck callback does to a worker."""
+    time.sleep(min(float(seconds), 30.0))
+    return {"ok": f"blocked {seconds} s"}
+
+
+# -- task arguments never reach the pool's logs or metrics (tests/integration/test_secrets.py)
+@app.task
+def secret_task(secret: str, how: str, seconds: float = 0.0, token: str = "") -> Any:
+    """Takes a secret argument through each of the pool's paths."""
+    if how == "raise":
+        raise ValueError(f"refused {secret}")
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "sleep":
+        time.sleep(seconds)
+    if how == "unpicklable":
+        return (secret, lambda: None)
+    return len(secret + token)

@@ -8,9 +8,12 @@ that tests/apps/proj.py maps onto the app's settings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,16 +21,19 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from celery_adaptive.controller import CAUSES
 from celery_adaptive.embedded_redis import free_loopback_port
 from celery_adaptive.metrics.events import EVENT_TYPE, RESERVED_FIELDS
 from celery_adaptive.metrics.publisher import RedisPublisher
-from celery_adaptive.metrics.store import index_key, latest_key, stream_key
+from celery_adaptive.metrics.snapshot import HISTORY_FIELDS
+from celery_adaptive.metrics.store import index_key, latest_key, owner_key, server_time, stream_key
 from tests.support import ROOT, wait_until
 
 pytestmark = pytest.mark.integration
@@ -228,13 +234,16 @@ def test_redis_snapshot_and_stream_exist_expire_and_are_capped(worker_factory, b
     assert metrics.zscore(index, worker.hostname) is not None
     assert metrics.xlen(stream) <= 5 + 4  # capped: the length plus at most one node
     entries = metrics.xrange(stream)
-    seqs = [json.loads(fields[b"snapshot"])["seq"] for _, fields in entries]
+    # Compact entries: the same flat fields every time (Redis keeps the names once per node).
+    assert all(tuple(k.decode() for k in fields) == HISTORY_FIELDS for _, fields in entries)
+    seqs = [int(fields[b"seq"]) for _, fields in entries]
     assert seqs == sorted(seqs) and seqs[-1] >= 40 - 1
+    assert int(entries[-1][1][b"failed"]) == 1 and int(entries[-1][1][b"succeeded"]) == 1
     # Task arguments and results never reach the metrics.
-    for key in (latest, stream):
+    for key in (latest, stream, owner_key(PREFIX, worker.hostname)):
         dump = metrics.dump(key) or b""
         assert marker.encode() not in dump
-    assert all(marker.encode() not in fields[b"snapshot"] for _, fields in entries)
+    assert all(marker.encode() not in b"".join(fields.values()) for _, fields in entries)
 
     assert worker.stop() == []
     wait_until(lambda: not metrics.exists(latest) and not metrics.exists(stream), timeout=10,
@@ -270,7 +279,7 @@ def test_metrics_redis_outage_does_not_stop_tasks(worker_factory, broker, privat
         timeout=30, message="publishing to resume",
     )
     assert after["seq"] > down["seq"]
-    seqs = [json.loads(f[b"snapshot"])["seq"] for _, f in metrics.xrange(stream_key(PREFIX, worker.hostname))]
+    seqs = [int(f[b"seq"]) for _, f in metrics.xrange(stream_key(PREFIX, worker.hostname))]
     assert min(seqs) <= down["seq"] < max(seqs), "the snapshots queued during the outage were published"
     log = worker.log()
     assert log.count("is unavailable") == 1, "one warning per outage"
@@ -286,20 +295,20 @@ def test_publisher_keeps_the_newest_snapshots_while_redis_is_down(private_redis,
                                queue_size=5)
     publisher.start()
     try:
-        publisher.offer({"seq": 0, "taken_at": time.time()})
+        publisher.offer({"seq": 0, "taken_at": time.time()}, {"seq": "0"})
         client = redis.Redis.from_url(private_redis.url)
         wait_until(lambda: client.get(latest_key("t", "h@x")), message="first publish")
         client.close()
         private_redis.stop()
         for seq in range(1, 21):
-            publisher.offer({"seq": seq, "taken_at": time.time()})
+            publisher.offer({"seq": seq, "taken_at": time.time()}, {"seq": str(seq)})
             time.sleep(0.02)
         wait_until(lambda: publisher.status()["redis"] == "down", message="the publisher to notice")
         private_redis.start()
         client = redis.Redis.from_url(private_redis.url)
         wait_until(lambda: (raw := client.get(latest_key("t", "h@x"))) and json.loads(raw)["seq"] == 20,
                    timeout=20, message="catch-up")
-        seqs = [json.loads(f[b"snapshot"])["seq"] for _, f in client.xrange(stream_key("t", "h@x"))]
+        seqs = [int(f[b"seq"]) for _, f in client.xrange(stream_key("t", "h@x"))]
         assert seqs == list(range(16, 21)), "the newest 5 were kept, in order"
         assert publisher.status()["dropped"] == 15 and publisher.status()["outages"] == 1
         warnings = [r for r in caplog.records if "is unavailable" in r.getMessage()]
@@ -309,45 +318,112 @@ def test_publisher_keeps_the_newest_snapshots_while_redis_is_down(private_redis,
         publisher.stop()
 
 
+def test_stream_is_trimmed_by_age_on_the_server_clock(private_redis):
+    client = redis.Redis.from_url(private_redis.url)
+    client.config_set("stream-node-max-entries", 4)  # MINID ~ trims whole nodes: small ones
+    publisher = RedisPublisher(private_redis.url, prefix="t", hostname="h@x", ttl=30, stream_length=1000,
+                               stream_max_age=1.0)
+    publisher.start()
+    try:
+        for seq in range(60):  # 3 s of snapshots, 20 a second
+            publisher.offer({"seq": seq, "taken_at": 0.0}, {"seq": str(seq)})
+            time.sleep(0.05)
+        wait_until(lambda: publisher.published == 60, message="every snapshot published")
+        entries = client.xrange(stream_key("t", "h@x"))
+        oldest_ms = int(entries[0][0].split(b"-")[0])
+        # Within the age (plus one node of slack), on the server's clock: taken_at is 0.
+        assert server_time(client) * 1000 - oldest_ms <= 1000 + 500
+        assert len(entries) < 40 and int(entries[-1][1][b"seq"]) == 59
+    finally:
+        publisher.stop()
+        client.close()
+
+
+def test_workers_are_aged_by_the_server_clock_not_theirs(private_redis):
+    """A worker whose clock is an hour behind is listed as fresh, and its publish time in the
+    index is the server's."""
+    from celery_adaptive.metrics.top import load_snapshots, render
+
+    client = redis.Redis.from_url(private_redis.url)
+    publisher = RedisPublisher(private_redis.url, prefix="t", hostname="skewed@x", ttl=30, stream_length=10)
+    publisher.start()
+    try:
+        skewed = time.time() - 3600
+        publisher.offer({"hostname": "skewed@x", "seq": 1, "taken_at": skewed, "interval": 2.0}, {"seq": "1"})
+        wait_until(lambda: publisher.published == 1, message="the snapshot published")
+        assert abs(client.zscore(index_key("t"), "skewed@x") - server_time(client)) < 5
+        [snapshot] = load_snapshots(client, "t")
+        assert snapshot["seen_s"] < 5
+        screen = "\n".join(render([snapshot], skewed))
+        assert "STALE" not in screen and "skewed@x" in screen
+    finally:
+        publisher.stop()
+        client.close()
+
+
+def test_two_workers_publishing_under_one_hostname_are_told_apart(private_redis, caplog):
+    caplog.set_level(logging.WARNING, logger="celery_adaptive.metrics")
+    made: list[RedisPublisher] = []
+
+    def publisher() -> RedisPublisher:
+        made.append(RedisPublisher(private_redis.url, prefix="t", hostname="same@x", ttl=30, stream_length=10))
+        made[-1].start()
+        return made[-1]
+
+    def publish(p: RedisPublisher, seq: int) -> None:
+        before = p.published
+        p.offer({"seq": seq, "taken_at": time.time()}, {"seq": str(seq)})
+        wait_until(lambda: p.published > before, message="a publish")
+
+    try:
+        # A restart: the predecessor stopped cleanly, or died and never publishes again.
+        first = publisher()
+        publish(first, 1)
+        first.stop()
+        crashed = publisher()
+        publish(crashed, 1)
+        successor = publisher()
+        for seq in range(3):
+            publish(successor, seq)
+        assert "same@x" not in caplog.text and successor.clash is None
+        # Two live processes under one name: both find the other's id again and again.
+        twin = publisher()
+        for seq in range(3):
+            publish(successor, 10 + seq)
+            publish(twin, 10 + seq)
+        warnings = [r.getMessage() for r in caplog.records if "publish metrics under the hostname same@x" in r.getMessage()]
+        assert len(warnings) == 2, warnings  # one from each, then quiet for CLASH_WARNING_EVERY
+        assert successor.clash == twin.instance and twin.clash == successor.instance
+        assert successor.status()["hostname_clash"] == twin.instance
+    finally:
+        for p in made:
+            p.stop()
+
+
 # ---------------------------------------------------------------------------- Flower
 def _get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
 
 
-def test_flower_knows_the_worker_its_pool_and_metrics(worker_factory, broker, tmp_path):
-    worker = worker_factory("-c", "2", env=_metrics_env())
+@contextlib.contextmanager
+def _flower(broker: Any, logdir: Path) -> Iterator[str]:
+    """Real Flower on a free loopback port, reading the test broker; yields its base URL."""
     port = free_loopback_port()
     env = dict(os.environ, TEST_BROKER_URL=broker.url, TEST_QUEUE=broker.queue,
                FLOWER_UNAUTHENTICATED_API="true")
-    logfile = tmp_path / "flower.log"
+    logfile = logdir / "flower.log"
     with open(logfile, "wb") as out:
         flower = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tests.apps.proj", "flower", f"--port={port}",
              "--address=127.0.0.1"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    base = f"http://127.0.0.1:{port}"
     try:
-        def pool_info() -> dict[str, Any] | None:
-            assert flower.poll() is None, logfile.read_text()
-            try:
-                workers = _get_json(f"{base}/api/workers?refresh=1")
-            except OSError:
-                return None
-            return (workers.get(worker.hostname) or {}).get("stats", {}).get("pool")
-
-        pool = wait_until(pool_info, timeout=40, interval=0.5, message="Flower to list the worker")
-        assert pool["implementation"] == "celery_adaptive:Pool"
-        assert sorted(pool["processes"]) == sorted(worker.child_pids())
-        assert "metrics" in pool and "utilization" in pool["metrics"]
-
-        def event_count() -> int:
-            rows = _get_json(f"{base}/workers?json=1")["data"]
-            row = next((r for r in rows if r.get("hostname") == worker.hostname), {})
-            return int(row.get(EVENT_TYPE, 0))
-
-        assert wait_until(event_count, timeout=20, interval=0.5, message="Flower to count our events") > 0
+        wait_until(lambda: flower.poll() is not None or _answers(f"http://127.0.0.1:{port}/healthcheck"),
+                   timeout=40, interval=0.2, message="Flower to answer")
+        assert flower.poll() is None, logfile.read_text()
+        yield f"http://127.0.0.1:{port}"
     finally:
         flower.send_signal(signal.SIGTERM)
         try:
@@ -357,12 +433,135 @@ def test_flower_knows_the_worker_its_pool_and_metrics(worker_factory, broker, tm
             flower.wait(10)
 
 
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _scaled_up_worker(worker_factory: Any, broker: Any) -> Any:
+    # adaptive_autoscale without --autoscale: Celery's Autoscaler step is off, so the table
+    # comes from the pool's own consumer step (with --autoscale, from Celery's step: same data).
+    worker = worker_factory("-c", "1", env=_metrics_env(TEST_AUTOSCALE="1", TEST_MIN_CHILDREN="1",
+                                                       TEST_MAX_CHILDREN="3"))
+    results = [broker.send("sleep", 0.3) for _ in range(12)]
+    wait_until(lambda: "last-decision" in (worker.stats().get("autoscaler") or {}), timeout=30,
+               message="a scale-up in inspect stats")
+    for r in results:
+        r.get(timeout=60)
+    return worker
+
+
+def test_flower_shows_the_pool_its_metrics_and_the_autoscaler_table(worker_factory, broker, tmp_path):
+    worker = _scaled_up_worker(worker_factory, broker)
+    with _flower(broker, tmp_path) as base:
+        def stats() -> dict[str, Any] | None:
+            try:
+                workers = _get_json(f"{base}/api/workers?refresh=1")
+            except OSError:
+                return None
+            found = (workers.get(worker.hostname) or {}).get("stats")
+            return found if found and "autoscaler" in found else None
+
+        found = wait_until(stats, timeout=40, interval=0.5, message="Flower to list the worker")
+        pool = found["pool"]
+        assert pool["implementation"] == "celery_adaptive:Pool"
+        # celery-exporter counts len(stats.pool.processes): the children's pids, a list.
+        assert sorted(pool["processes"]) == sorted(worker.child_pids())
+        assert "metrics" in pool and "utilization" in pool["metrics"]
+        table = found["autoscaler"]
+        assert table["min"] == 1 and table["max"] == 3 and table["predictive"] is True
+        assert {"forecast-per-second", "arrivals-per-second", "service-seconds", "backlog", "desired",
+                "last-decision", "last-decision-cause"} <= set(table), table
+        assert table["last-decision"].startswith("up ") and "->" not in table["last-decision"]
+        assert table["last-decision-cause"] in CAUSES
+        assert all(isinstance(v, (int, float, str, bool)) for v in table.values()), "flat, for humanize"
+
+        # The page Flower renders for the worker: its "Autoscaler options" table.
+        with urllib.request.urlopen(f"{base}/worker/{worker.hostname}", timeout=10) as response:
+            page = response.read().decode()
+        assert "Autoscaler options" in page
+        for label in ("Forecast per second", "Service seconds", "Last decision cause", "Desired"):
+            assert f"<td>{label}</td>" in page, label
+        assert "<td>Up 1 to " in page, "the last decision, humanized by Flower"
+
+        def event_count() -> int:
+            rows = _get_json(f"{base}/workers?json=1")["data"]
+            row = next((r for r in rows if r.get("hostname") == worker.hostname), {})
+            return int(row.get(EVENT_TYPE, 0))
+
+        assert wait_until(event_count, timeout=20, interval=0.5, message="Flower to count our events") > 0
+
+
+def _chromium() -> str | None:
+    return next(filter(None, (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+def test_flower_worker_page_screenshot(worker_factory, broker, tmp_path):
+    """Headless Chromium's screenshot of Flower's worker page, with the autoscaler table.
+
+    Kept as docs/img/flower-autoscaler.png when ADAPTIVE_SCREENSHOT_DIR names docs/img
+    (scripts/readme-images.sh). Loopback only, a fresh profile, no background traffic."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium here (apt-get install chromium); the Flower API test covers the table")
+    worker = _scaled_up_worker(worker_factory, broker)
+    with _flower(broker, tmp_path) as base:
+        url = f"{base}/worker/{worker.hostname}"
+        wait_until(lambda: _answers(url) and "Autoscaler options" in urllib.request.urlopen(url, timeout=10).read().decode(),
+                   timeout=30, interval=0.5, message="Flower's page to show the autoscaler table")
+        _screenshot(browser, url, tmp_path)
+
+
+def _screenshot(browser: str, url: str, tmp_path: Path) -> None:
+    out = tmp_path / "flower-autoscaler.png"
+    profile = tmp_path / "chromium-profile"
+    done = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+         f"--user-data-dir={profile}", "--window-size=1280,2700", f"--screenshot={out}", url],
+        capture_output=True, text=True, timeout=120, start_new_session=True,
+    )
+    assert done.returncode == 0 and out.is_file(), done.stderr[-2000:]
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, "a real page, not a blank one"
+    keep = os.environ.get("ADAPTIVE_SCREENSHOT_DIR")
+    if keep:
+        shutil.copyfile(out, Path(keep) / out.name)
+
+
 # ---------------------------------------------------------------------------- Prometheus
-def test_prometheus_endpoint_serves_the_latest_snapshot(worker_factory, broker):
+def _listening_addresses(pid: int, port: int) -> set[str]:
+    import psutil
+
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def test_prometheus_endpoint_is_loopback_and_passes_the_lint(worker_factory, broker, tmp_path):
     pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.promlint import lint
+
     port = free_loopback_port()
-    worker = worker_factory("-c", "2", env=_metrics_env(TEST_METRICS_PROMETHEUS_PORT=str(port)))
-    assert broker.send("add", 2, 2).get(timeout=20) == 4
+    # The memory guard with an admission threshold, on a cgroup directory of this test's
+    # (4 GB limit, 1 GB in use: admission never pauses), so its families are exported too.
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text("4000000000\n")
+    (cgroup / "memory.current").write_text("1000000000\n")
+    memory = {"adaptive_memory_cgroup": str(cgroup), "adaptive_memory_admission_threshold": "90%"}
+    # The autoscaler on, held at 2 children: its forecast and decisions are exported too.
+    worker = worker_factory("-c", "2", env=_metrics_env(
+        TEST_METRICS_PROMETHEUS_PORT=str(port), TEST_AUTOSCALE="1", TEST_MIN_CHILDREN="2", TEST_MAX_CHILDREN="2",
+        TEST_CONF_JSON=json.dumps(memory),
+    ))
+    assert _listening_addresses(worker.pid, port) == {"127.0.0.1"}, "the default bind is loopback only"
+    assert [broker.send("add", 2, i).get(timeout=20) for i in range(3)] == [2, 3, 4]
+    host = f'hostname="{worker.hostname}"'
 
     def scrape() -> str | None:
         try:
@@ -370,13 +569,31 @@ def test_prometheus_endpoint_serves_the_latest_snapshot(worker_factory, broker):
                 text = response.read().decode()
         except OSError:
             return None
-        succeeded = f'celery_adaptive_tasks_total{{outcome="succeeded",worker="{worker.hostname}"}} 1.0'
-        return text if succeeded in text else None
+        done = f"celery_adaptive_task_succeeded_total{{{host}}} 3.0" in text
+        # psutil's CPU reading needs two samples: wait for it, so every family has a sample.
+        return text if done and "celery_adaptive_process_cpu_usage_ratio{" in text else None
 
-    text = wait_until(scrape, message="the Prometheus endpoint to count the finished task")
-    assert f'celery_adaptive_children_target{{worker="{worker.hostname}"}} 2.0' in text
-    for pid in worker.child_pids():
-        assert f'celery_adaptive_child_rss_bytes{{pid="{pid}",worker="{worker.hostname}"}}' in text
+    text = wait_until(scrape, message="the Prometheus endpoint to count the finished tasks")
+    assert lint(text) == []
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert f"celery_adaptive_pool_target_processes{{{host}}} 2.0" in text
+    slots = {s.labels["slot"] for s in families["celery_adaptive_process_resident_memory_bytes"].samples}
+    assert slots == {"0", "1"}
+    assert not any(str(pid) in text for pid in worker.child_pids()), "children are labelled by slot"
+    labels = f'{host},name="tests.apps.proj.add",queue_name="{broker.queue}"'
+    # Published by this test (it stamps the publish time): the whole wait is measured.
+    assert f"celery_adaptive_task_queue_wait_seconds_count{{{labels}}} 3.0" in text
+    assert f"celery_adaptive_task_runtime_seconds_count{{{labels}}} 3.0" in text
+    assert f'celery_adaptive_pool_wait_seconds_bucket{{{host},le="+Inf"}} 3.0' in text
+    assert f'celery_adaptive_autoscaler_decisions_total{{cause="steady",direction="hold",{host}}}' in text
+    assert f"celery_adaptive_memory_used_bytes{{{host}}} 1e+09" in text
+    assert f"celery_adaptive_memory_admission_threshold_bytes{{{host}}} 3.6e+09" in text
+    assert f"celery_adaptive_memory_admission_paused{{{host}}} 0.0" in text
+    # Every metric the dashboard and the alert rules read is in a real worker's scrape.
+    samples = {sample.name for family in families.values() for sample in family.samples}
+    monitoring = (ROOT / "monitoring" / "grafana-dashboard.json").read_text()
+    monitoring += (ROOT / "monitoring" / "prometheus-rules.yml").read_text()
+    assert set(re.findall(r"\bcelery_adaptive_[a-z0-9_]+", monitoring)) <= samples
     assert worker.stop() == []
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

@@ -1,6 +1,6 @@
 """The pool keeps prefork's promises: real `celery worker` processes on a real Redis.
 
-Each test names the item of the contract's acceptance checklist (section 8) it proves.
+Each test names the item of the acceptance checklist of docs/celery-pool-contract.md (section 8) it proves.
 """
 
 from __future__ import annotations

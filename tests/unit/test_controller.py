@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from celery_adaptive.controller import Controller, children_needed, erlang_c_wait
+from celery_adaptive.controller import CAUSES, Controller, children_needed, erlang_c_wait
 from celery_adaptive.predictor import Forecast
 
 
@@ -380,6 +380,7 @@ def test_decisions_stay_in_bounds_respect_steps_and_never_shrink_right_after_gro
             # Demand that justified growing stays in the window for stabilization_s.
             assert now - last_up >= stabilization
         assert d.reason.startswith(f"{d.direction} {current}")
+        assert d.cause in CAUSES  # a bounded set: a metric label
         current = d.target
 
 
@@ -403,3 +404,23 @@ def test_children_are_kept_under_the_utilization_ceiling_while_load_lasts() -> N
 def test_a_utilization_ceiling_outside_0_1_is_refused(share: float) -> None:
     with pytest.raises(ValueError, match="max_utilization"):
         Controller(min_children=1, max_children=8, max_utilization=share)
+
+
+# -- causes: one word from a fixed set, for metric labels ------------------------------------
+def test_each_decision_names_its_cause() -> None:
+    c = Controller(min_children=1, max_children=16, stabilization_s=2.0)
+    assert c.decide(0.0, forecast(35.0, 0.05), current=1).cause == "forecast"
+    assert c.decide(1.0, forecast(35.0, 0.05), current=2).cause == "steady"
+    assert c.decide(1.5, forecast(0.0, at=1.5), current=2).cause == "stabilizing"
+    assert c.decide(3.5, forecast(0.0, at=3.5), current=2).cause == "lower_demand"
+    stopped = dataclasses.replace(forecast(0.0, at=6.0), quiet_s=2.0)
+    assert c.decide(6.0, stopped, current=3).cause == "load_stopped"
+    late = dataclasses.replace(forecast(1.0, 0.05, backlog=4, at=7.0), oldest_wait_s=0.15)
+    assert c.decide(7.0, late, current=1).cause == "late_queue"
+    busy = dataclasses.replace(forecast(60.0, 0.01, at=8.0), current_rate=60.0)
+    capped = Controller(min_children=1, max_children=8, max_utilization=0.5)
+    assert capped.decide(8.0, busy, current=1).cause == "utilization"
+    c.set_bounds(4, 16)
+    assert c.decide(9.0, forecast(0.0, at=9.0), current=2).cause == "below_minimum"
+    c.set_bounds(1, 2)
+    assert c.decide(10.0, forecast(0.0, at=10.0), current=4).cause == "above_maximum"

@@ -288,23 +288,31 @@ def test_prometheus_memory_families():
     from prometheus_client.utils import floatToGoString
 
     from celery_adaptive.metrics.prometheus import _Collector
+    from tests.promlint import lint
 
     counters = {"memory_soft_limit": 3, "memory_hard_limit": 1, "memory_stopped_tasks": 1}
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(lambda: _snapshot(MEMORY_VIEW, counters)))
     text = generate_latest(registry).decode()
     for line in (
-        'celery_adaptive_memory_admission_paused{worker="w@h"} 1.0',
-        'celery_adaptive_memory_admission_pauses_total{worker="w@h"} 2.0',
-        'celery_adaptive_memory_limit_hits_total{limit="hard",worker="w@h"} 1.0',
-        'celery_adaptive_memory_limit_hits_total{limit="soft",worker="w@h"} 3.0',
-        'celery_adaptive_memory_stopped_tasks_total{worker="w@h"} 1.0',
-        'celery_adaptive_memory_used_bytes{worker="w@h"} 900.0',
-        'celery_adaptive_memory_held{worker="w@h"} 1.0',
-        f'celery_adaptive_task_memory_growth_bytes{{task="t.big",worker="w@h"}} {floatToGoString(200 * MiB)}',
-        f'celery_adaptive_child_uss_bytes{{pid="4242",worker="w@h"}} {floatToGoString(50 * MiB)}',
+        'celery_adaptive_memory_admission_paused{hostname="w@h"} 1.0',
+        'celery_adaptive_memory_admission_pauses_total{hostname="w@h"} 2.0',
+        'celery_adaptive_memory_admission_paused_seconds_total{hostname="w@h"} 1.5',
+        'celery_adaptive_memory_limit_hits_total{hostname="w@h",limit="hard"} 1.0',
+        'celery_adaptive_memory_limit_hits_total{hostname="w@h",limit="soft"} 3.0',
+        'celery_adaptive_memory_stopped_tasks_total{hostname="w@h"} 1.0',
+        'celery_adaptive_memory_used_bytes{hostname="w@h"} 900.0',
+        'celery_adaptive_memory_limit_bytes{hostname="w@h"} 1000.0',
+        'celery_adaptive_memory_admission_threshold_bytes{hostname="w@h"} 800.0',
+        'celery_adaptive_memory_held_tasks{hostname="w@h"} 1.0',
+        f'celery_adaptive_task_memory_growth_bytes{{hostname="w@h",name="t.big"}} {floatToGoString(200 * MiB)}',
+        f'celery_adaptive_process_unique_memory_bytes{{hostname="w@h",slot="0"}} {floatToGoString(50 * MiB)}',
+        f'celery_adaptive_process_proportional_memory_bytes{{hostname="w@h",slot="0"}} {floatToGoString(60 * MiB)}',
     ):
         assert line in text, line
+    # Operator conventions (base units, _total counters, a slot label and never a pid).
+    assert lint(text) == []
+    assert "pid=" not in text and "worker=" not in text
     bare = CollectorRegistry(auto_describe=False)
     bare.register(_Collector(lambda: _snapshot(None)))
     assert "memory_admission" not in generate_latest(bare).decode()

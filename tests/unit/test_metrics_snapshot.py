@@ -277,31 +277,3 @@ def test_prune_none_is_recursive():
     assert prune_none({"a": None, "b": {"c": None, "d": 1}, "e": [{"f": None}]}) == {"b": {"d": 1}, "e": [{}]}
 
 
-# -- Prometheus exposition -----------------------------------------------------------------
-def test_prometheus_text_has_the_documented_names_and_no_unmeasured_samples():
-    prometheus_client = pytest.importorskip("prometheus_client")
-    from celery_adaptive.metrics.prometheus import _Collector
-
-    agg = Aggregator(interval=2.0)
-    snap = agg.aggregate(
-        _reading(1.0, (_child(1, 0.5, state="busy", task="t"), _child(2, 0.0)), received=3, completed=2,
-                 completions=(Completion(1.0, "t", 0.01, 0.2),),
-                 autoscaler={"forecast": {"predicted_rate": 4.5}}),
-        processes={1001: ProcessReading(97.0, 1000)},
-        host=HostReading(50.0, (1.0, 2.0, 3.0), 40.0, 1),
-    )
-    registry = prometheus_client.CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(lambda: snap))
-    text = prometheus_client.generate_latest(registry).decode()
-    assert 'celery_adaptive_children{state="busy",worker="w@h"} 1.0' in text
-    assert 'celery_adaptive_tasks_total{outcome="received",worker="w@h"} 3.0' in text
-    assert 'celery_adaptive_child_cpu_percent{cpu="1",pid="1001",worker="w@h"} 97.0' in text
-    assert 'pid="1002"' in text and 'celery_adaptive_child_cpu_percent{cpu="2",pid="1002"' not in text
-    assert 'celery_adaptive_run_seconds{quantile="0.99",worker="w@h"} 0.2' in text
-    assert 'celery_adaptive_task_run_seconds{quantile="0.5",task="t",worker="w@h"} 0.2' in text
-    assert 'celery_adaptive_host_load_average{period="5m",worker="w@h"} 2.0' in text
-    assert 'celery_adaptive_autoscaler_predicted_rate{worker="w@h"} 4.5' in text
-    assert "celery_adaptive_arrival_rate" not in text  # first snapshot: no rate measured yet
-    empty = prometheus_client.CollectorRegistry(auto_describe=False)
-    empty.register(_Collector(lambda: None))
-    assert prometheus_client.generate_latest(empty) == b""

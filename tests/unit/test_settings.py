@@ -16,6 +16,15 @@ def test_defaults():
     assert s.soft_time_limit is None and s.hard_time_limit is None
 
 
+def test_operator_facing_defaults_are_loopback_and_bounded():
+    s = build_settings({}, BASE)
+    assert s.metrics_prometheus_address == "127.0.0.1" and s.metrics_prometheus_port is None
+    assert s.health_address == "127.0.0.1" and s.health_port is None
+    assert s.health_file is None  # the default path for the worker's hostname
+    assert build_settings({"adaptive_health_file": ""}, BASE).health_file == ""
+    assert s.metrics_stream_max_age == 900.0 and s.metrics_stream_length == 1000
+
+
 def test_celery_options_are_folded_in():
     s = build_settings({}, {**BASE, "forking_enable": False, "maxtasksperchild": 5,
                             "max_memory_per_child": 1000, "soft_timeout": 3, "timeout": 0})
@@ -43,6 +52,12 @@ def test_celery_options_are_folded_in():
         ("adaptive_affinity_header", "", "non-empty"),
         ("adaptive_task_affinity", ["a"], "task name"),
         ("adaptive_min_children", -1, ">= 1"),
+        ("adaptive_metrics_stream_max_age", 0, "must be > 0"),
+        ("adaptive_metrics_prometheus_address", "0.0.0.0 ", "IP address or host name"),
+        ("adaptive_health_port", 0, ">= 1"),
+        ("adaptive_health_address", "", "IP address or host name"),
+        ("adaptive_health_timeout", "never", "expected a number"),
+        ("adaptive_health_file", 7, "a path"),
     ],
 )
 def test_bad_values_name_the_setting(name, value, fragment):

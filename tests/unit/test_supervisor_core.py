@@ -693,3 +693,30 @@ def test_a_partial_frame_waits_for_the_rest() -> None:
 def test_a_length_out_of_bounds_is_a_protocol_error(header: bytes) -> None:
     with pytest.raises(ProtocolError, match="adaptive_max_message_bytes"):
         FrameDecoder(1024).feed(header + b"....")
+
+
+# ------------------------------------------------------------------ task arguments in logs
+def test_a_failing_callback_is_logged_without_the_requests_repr(caplog: pytest.LogCaptureFixture) -> None:
+    """Celery's callbacks are bound methods of its Request, whose repr carries the task's
+    arguments: the log line names the callback's function, never the object."""
+    import logging
+
+    secret = "s3cr3t-argument-0xC0FFEE"
+
+    class Request:
+        def __repr__(self) -> str:
+            return f"<Request: proj.charge('{secret}')>"
+
+        def on_success(self, value: Any) -> None:
+            raise RuntimeError("the result backend is down")
+
+    caplog.set_level(logging.DEBUG, logger="celery_adaptive")
+    h = Harness()
+    h.ready_all()
+    job = h.submit()
+    job.callback = Request().on_success
+    h.run(job)
+    logged = [r for r in caplog.records if r.name.startswith("celery_adaptive")]
+    assert any(r.getMessage().endswith("Request.on_success raised") for r in logged)
+    assert all(secret not in r.getMessage() and secret not in (r.exc_text or "") for r in logged)
+    assert secret not in caplog.text

@@ -110,10 +110,3 @@ def worker_factory(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> 
         leaks.extend(worker.stop())
     assert not leaks, f"processes left behind: {leaks}"
 
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
-                                  items: list[pytest.Item]) -> None:
-    """Run the in-process Celery workers (``celery.contrib.testing``) last: they leave process-
-    wide state behind (Celery's current app and its after-fork handlers, logging redirections),
-    and a later test that forks this process (placement's affinity checks) can hang in it."""
-    items.sort(key=lambda item: "test_embedded_worker" in item.nodeid)

@@ -13,13 +13,14 @@
 #   -- ARGS                passed on to pytest
 #
 # Layouts: "rabbitmq" = RabbitMQ broker + Redis result backend (Celery's own CI layout);
-# "redis" = Redis broker + Redis backend. $AMQP_URL / $REDIS_URL are used when they answer,
-# else amqp://guest:guest@127.0.0.1:5672 and redis://127.0.0.1:6379. Runs are kept apart from
-# other test runs: RabbitMQ vhost $CONFORMANCE_VHOST (made with rabbitmqctl, or the management
-# API on loopback, and emptied before each run) and Redis DBs 13 (rabbitmq layout's backend),
-# 14 and 15 (redis layout; $CONFORMANCE_REDIS_DBS=13,14,15 changes them), flushed before each run. A layout whose broker does not answer is
-# skipped with a message. Celery's tasks.py also opens Redis DB 0 (REDIS_HOST/REDIS_PORT) for
-# a few canvas tests; its keys there are per-test uuids.
+# "redis" = Redis broker + Redis backend. $AMQP_URL / $REDIS_URL when they answer, else
+# amqp://guest:guest@127.0.0.1:5672// and redis://127.0.0.1:6379. A layout whose servers do
+# not answer is skipped with a message. Runs are kept apart from other test runs: RabbitMQ
+# vhost $CONFORMANCE_VHOST (default celery-conformance; made with rabbitmqctl, or the
+# management API on loopback, afresh before each run, and removed at the end) and Redis DBs
+# 13 (the rabbitmq layout's backend), 14 and 15 (the redis layout's broker and backend;
+# $CONFORMANCE_REDIS_DBS=13,14,15 changes them), flushed before each run. Celery's tasks.py
+# also opens Redis DB 0 (REDIS_HOST/REDIS_PORT) in a few canvas tests; its keys are per test.
 #
 # Exit status: 0 when the adaptive pool fails no test that prefork passes (with only the
 # adaptive pool: fails no test at all); 1 otherwise; 2 when a run left no results.
@@ -65,7 +66,7 @@ while [ $# -gt 0 ]; do
     --test-timeout) test_timeout=$2; shift ;;
     --run-timeout) run_timeout=$2; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 64 ;;
   esac
   shift
@@ -105,8 +106,15 @@ if ! "$PY" -c 'import pydantic, pytest_timeout' 2>/dev/null; then
 fi
 
 # ---------------------------------------------------------------- brokers
-AMQP_BASE=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672//}
-REDIS_BASE=${REDIS_URL:-redis://127.0.0.1:6379/0}
+first_answering() {  # the first URL that answers, else the last one
+  local url
+  for url in "$@"; do
+    if [ -n "$url" ] && "$PY" "$HELPERS/brokers.py" answers "$url" 2>/dev/null; then echo "$url"; return; fi
+  done
+  echo "${@: -1}"
+}
+AMQP_BASE=$(first_answering "${AMQP_URL:-}" amqp://guest:guest@127.0.0.1:5672//)
+REDIS_BASE=$(first_answering "${REDIS_URL:-}" redis://127.0.0.1:6379/0)
 VHOST=${CONFORMANCE_VHOST:-celery-conformance}
 # Redis DBs: the rabbitmq layout's backend, the redis layout's broker and its backend.
 IFS=, read -r DB_AMQP_BACKEND DB_REDIS_BROKER DB_REDIS_BACKEND <<< "${CONFORMANCE_REDIS_DBS:-13,14,15}"
@@ -127,6 +135,14 @@ reset_vhost() {
     *) "$PY" "$HELPERS/brokers.py" purge "$AMQP_BASE" ;;
   esac
 }
+
+drop_vhost() {
+  case "$vhost_mode" in
+    rabbitmqctl) timeout 60 rabbitmqctl -q delete_vhost "$VHOST" >/dev/null 2>&1 || true ;;
+    api) "$PY" "$HELPERS/brokers.py" delete-vhost-api "$AMQP_BASE" "$VHOST" || true ;;
+  esac
+}
+trap drop_vhost EXIT
 
 declare -A BROKER BACKEND DBS
 IFS=, read -r -a layout_list <<< "$layouts"
@@ -180,6 +196,9 @@ reset_layout() {
 }
 
 # ---------------------------------------------------------------- runs
+# celery.contrib.testing's session worker logs at "error" by default; test_trace_log_arguments
+# reads the worker's INFO records, so under that default it fails on every pool.
+export WORKER_LOGLEVEL=${WORKER_LOGLEVEL:-info}
 out=${out:-$CACHE/results/$(date -u +%Y%m%dT%H%M%SZ)$([ "$fast" = 1 ] && echo -fast)}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)

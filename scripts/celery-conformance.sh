@@ -30,8 +30,8 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 CACHE=$ROOT/.conformance
 HELPERS=$ROOT/scripts/conformance
 
-# The --fast slice: the tests the adaptive pool failed before the fixes in docs/conformance.md,
-# plus ping/inspect checks. One session per layout, test_inspect first: a worker broken by
+# The --fast slice: the tests the adaptive pool failed before the fixes in docs/conformance.md
+# (and the two that need the harness's log forwarding), plus ping/inspect checks. One session per layout, test_inspect first: a worker broken by
 # test_query_task shows up in the canvas tests that follow it, as it did in a full session.
 FAST_SLICE=(
   test_inspect.py::test_Inspect::test_ping
@@ -46,6 +46,8 @@ FAST_SLICE=(
   test_canvas.py::test_result_set::test_result_set
   test_tasks.py::test_tasks::test_expired
   test_tasks.py::test_tasks::test_revoked
+  test_tasks.py::test_trace_log_arguments::test_task_success
+  test_tasks.py::test_trace_log_arguments::test_task_failed
 )
 
 fast=0

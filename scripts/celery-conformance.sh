@@ -8,7 +8,11 @@
 #   --layouts LIST         rabbitmq,redis (default both): broker layouts, see below
 #   --files LIST           test files of t/integration (default test_tasks.py,test_canvas.py,test_inspect.py)
 #   --out DIR              where JUnit XML, logs and the summary go (default .conformance/results/<time>)
-#   --test-timeout S       pytest-timeout cap per test (default 120; 60 with --fast)
+#   --private-redis        start a redis-server of this run's own (on a free loopback port) and
+#                          use its DB 0 for everything: no other run's keys or pub/sub channels
+#                          (Celery's tests count PUBSUB CHANNELS, server-wide) and Celery's tests
+#                          that read the backend's keys through DB 0 see them
+#   --test-timeout S       pytest-timeout cap per test (default 300, Celery's own mark; 60 with --fast)
 #   --run-timeout S        wall-clock limit of one pytest invocation (default 2400; 300 with --fast)
 #   -- ARGS                passed on to pytest
 #
@@ -51,6 +55,7 @@ FAST_SLICE=(
 )
 
 fast=0
+private_redis=0
 pools=prefork,adaptive
 layouts=rabbitmq,redis
 files=test_tasks.py,test_canvas.py,test_inspect.py
@@ -61,6 +66,7 @@ extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --fast) fast=1 ;;
+    --private-redis) private_redis=1 ;;
     --pools) pools=$2; shift ;;
     --layouts) layouts=$2; shift ;;
     --files) files=$2; shift ;;
@@ -77,7 +83,7 @@ if [ "$fast" = 1 ]; then
   test_timeout=${test_timeout:-60}
   run_timeout=${run_timeout:-300}
 else
-  test_timeout=${test_timeout:-120}
+  test_timeout=${test_timeout:-300}
   run_timeout=${run_timeout:-2400}
 fi
 
@@ -115,8 +121,38 @@ first_answering() {  # the first URL that answers, else the last one
   done
   echo "${@: -1}"
 }
+vhost_mode=""   # rabbitmqctl | api | none
+redis_pid=""    # the private redis-server (--private-redis)
+redis_dir=""
+cleanup() {
+  case "$vhost_mode" in
+    rabbitmqctl) timeout 60 rabbitmqctl -q delete_vhost "$VHOST" >/dev/null 2>&1 || true ;;
+    api) "$PY" "$HELPERS/brokers.py" delete-vhost-api "$AMQP_BASE" "$VHOST" || true ;;
+  esac
+  if [ -n "$redis_pid" ]; then
+    kill "$redis_pid" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
+    rm -rf "$redis_dir"
+  fi
+}
+trap cleanup EXIT
+
 AMQP_BASE=$(first_answering "${AMQP_URL:-}" amqp://guest:guest@127.0.0.1:5672//)
-REDIS_BASE=$(first_answering "${REDIS_URL:-}" redis://127.0.0.1:6379/0)
+if [ "$private_redis" = 1 ]; then
+  read -r redis_bin redis_port < <("$PY" -c 'from celery_adaptive.embedded_redis import find_redis_server, free_loopback_port; print(find_redis_server(), free_loopback_port())')
+  redis_dir=$(mktemp -d)
+  "$redis_bin" --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$redis_dir" \
+    --daemonize no --loglevel warning > "$redis_dir/log" 2>&1 &
+  redis_pid=$!
+  REDIS_BASE=redis://127.0.0.1:$redis_port/0
+  for _ in $(seq 100); do
+    "$PY" "$HELPERS/brokers.py" answers "$REDIS_BASE" 2>/dev/null && break
+    sleep 0.1
+  done
+  CONFORMANCE_REDIS_DBS=${CONFORMANCE_REDIS_DBS:-0,0,0}
+else
+  REDIS_BASE=$(first_answering "${REDIS_URL:-}" redis://127.0.0.1:6379/0)
+fi
 VHOST=${CONFORMANCE_VHOST:-celery-conformance}
 # Redis DBs: the rabbitmq layout's backend, the redis layout's broker and its backend.
 IFS=, read -r DB_AMQP_BACKEND DB_REDIS_BROKER DB_REDIS_BACKEND <<< "${CONFORMANCE_REDIS_DBS:-13,14,15}"
@@ -125,7 +161,6 @@ export REDIS_HOST REDIS_PORT
 
 redis_db_url() { "$PY" "$HELPERS/brokers.py" redis-db "$REDIS_BASE" "$1"; }
 
-vhost_mode=""   # rabbitmqctl | api | none
 reset_vhost() {
   # Drop and re-create the vhost: no message or queue of an earlier run survives.
   case "$vhost_mode" in
@@ -138,13 +173,6 @@ reset_vhost() {
   esac
 }
 
-drop_vhost() {
-  case "$vhost_mode" in
-    rabbitmqctl) timeout 60 rabbitmqctl -q delete_vhost "$VHOST" >/dev/null 2>&1 || true ;;
-    api) "$PY" "$HELPERS/brokers.py" delete-vhost-api "$AMQP_BASE" "$VHOST" || true ;;
-  esac
-}
-trap drop_vhost EXIT
 
 declare -A BROKER BACKEND DBS
 IFS=, read -r -a layout_list <<< "$layouts"

@@ -8,18 +8,23 @@
 #   --layouts LIST         rabbitmq,redis (default both): broker layouts, see below
 #   --files LIST           test files of t/integration (default test_tasks.py,test_canvas.py,test_inspect.py)
 #   --out DIR              where JUnit XML, logs and the summary go (default .conformance/results/<time>)
-#   --test-timeout S       pytest-timeout cap per test (default 120; 60 with --fast)
+#   --private-redis        start a redis-server of this run's own (on a free loopback port) and
+#                          use its DB 0 for everything: no other run's keys or pub/sub channels
+#                          (Celery's tests count PUBSUB CHANNELS, server-wide) and Celery's tests
+#                          that read the backend's keys through DB 0 see them
+#   --test-timeout S       pytest-timeout cap per test (default 300, Celery's own mark; 60 with --fast)
 #   --run-timeout S        wall-clock limit of one pytest invocation (default 2400; 300 with --fast)
 #   -- ARGS                passed on to pytest
 #
 # Layouts: "rabbitmq" = RabbitMQ broker + Redis result backend (Celery's own CI layout);
-# "redis" = Redis broker + Redis backend. $AMQP_URL / $REDIS_URL are used when they answer,
-# else amqp://guest:guest@127.0.0.1:5672 and redis://127.0.0.1:6379. Runs are kept apart from
-# other test runs: RabbitMQ vhost $CONFORMANCE_VHOST (made with rabbitmqctl, or the management
-# API on loopback, and emptied before each run) and Redis DBs 13 (rabbitmq layout's backend),
-# 14 and 15 (redis layout; $CONFORMANCE_REDIS_DBS=13,14,15 changes them), flushed before each run. A layout whose broker does not answer is
-# skipped with a message. Celery's tasks.py also opens Redis DB 0 (REDIS_HOST/REDIS_PORT) for
-# a few canvas tests; its keys there are per-test uuids.
+# "redis" = Redis broker + Redis backend. $AMQP_URL / $REDIS_URL when they answer, else
+# amqp://guest:guest@127.0.0.1:5672// and redis://127.0.0.1:6379. A layout whose servers do
+# not answer is skipped with a message. Runs are kept apart from other test runs: RabbitMQ
+# vhost $CONFORMANCE_VHOST (default celery-conformance; made with rabbitmqctl, or the
+# management API on loopback, afresh before each run, and removed at the end) and Redis DBs
+# 13 (the rabbitmq layout's backend), 14 and 15 (the redis layout's broker and backend;
+# $CONFORMANCE_REDIS_DBS=13,14,15 changes them), flushed before each run. Celery's tasks.py
+# also opens Redis DB 0 (REDIS_HOST/REDIS_PORT) in a few canvas tests; its keys are per test.
 #
 # Exit status: 0 when the adaptive pool fails no test that prefork passes (with only the
 # adaptive pool: fails no test at all); 1 otherwise; 2 when a run left no results.
@@ -29,8 +34,8 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 CACHE=$ROOT/.conformance
 HELPERS=$ROOT/scripts/conformance
 
-# The --fast slice: the tests the adaptive pool failed before the fixes in docs/conformance.md,
-# plus ping/inspect checks. One session per layout, test_inspect first: a worker broken by
+# The --fast slice: the tests the adaptive pool failed before the fixes in docs/conformance.md
+# (and the two that need the harness's log forwarding), plus ping/inspect checks. One session per layout, test_inspect first: a worker broken by
 # test_query_task shows up in the canvas tests that follow it, as it did in a full session.
 FAST_SLICE=(
   test_inspect.py::test_Inspect::test_ping
@@ -45,9 +50,12 @@ FAST_SLICE=(
   test_canvas.py::test_result_set::test_result_set
   test_tasks.py::test_tasks::test_expired
   test_tasks.py::test_tasks::test_revoked
+  test_tasks.py::test_trace_log_arguments::test_task_success
+  test_tasks.py::test_trace_log_arguments::test_task_failed
 )
 
 fast=0
+private_redis=0
 pools=prefork,adaptive
 layouts=rabbitmq,redis
 files=test_tasks.py,test_canvas.py,test_inspect.py
@@ -58,6 +66,7 @@ extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --fast) fast=1 ;;
+    --private-redis) private_redis=1 ;;
     --pools) pools=$2; shift ;;
     --layouts) layouts=$2; shift ;;
     --files) files=$2; shift ;;
@@ -65,7 +74,7 @@ while [ $# -gt 0 ]; do
     --test-timeout) test_timeout=$2; shift ;;
     --run-timeout) run_timeout=$2; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 64 ;;
   esac
   shift
@@ -74,7 +83,7 @@ if [ "$fast" = 1 ]; then
   test_timeout=${test_timeout:-60}
   run_timeout=${run_timeout:-300}
 else
-  test_timeout=${test_timeout:-120}
+  test_timeout=${test_timeout:-300}
   run_timeout=${run_timeout:-2400}
 fi
 
@@ -105,8 +114,45 @@ if ! "$PY" -c 'import pydantic, pytest_timeout' 2>/dev/null; then
 fi
 
 # ---------------------------------------------------------------- brokers
-AMQP_BASE=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672//}
-REDIS_BASE=${REDIS_URL:-redis://127.0.0.1:6379/0}
+first_answering() {  # the first URL that answers, else the last one
+  local url
+  for url in "$@"; do
+    if [ -n "$url" ] && "$PY" "$HELPERS/brokers.py" answers "$url" 2>/dev/null; then echo "$url"; return; fi
+  done
+  echo "${@: -1}"
+}
+vhost_mode=""   # rabbitmqctl | api | none
+redis_pid=""    # the private redis-server (--private-redis)
+redis_dir=""
+cleanup() {
+  case "$vhost_mode" in
+    rabbitmqctl) timeout 60 rabbitmqctl -q delete_vhost "$VHOST" >/dev/null 2>&1 || true ;;
+    api) "$PY" "$HELPERS/brokers.py" delete-vhost-api "$AMQP_BASE" "$VHOST" || true ;;
+  esac
+  if [ -n "$redis_pid" ]; then
+    kill "$redis_pid" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
+    rm -rf "$redis_dir"
+  fi
+}
+trap cleanup EXIT
+
+AMQP_BASE=$(first_answering "${AMQP_URL:-}" amqp://guest:guest@127.0.0.1:5672//)
+if [ "$private_redis" = 1 ]; then
+  read -r redis_bin redis_port < <("$PY" -c 'from celery_adaptive.embedded_redis import find_redis_server, free_loopback_port; print(find_redis_server(), free_loopback_port())')
+  redis_dir=$(mktemp -d)
+  "$redis_bin" --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$redis_dir" \
+    --daemonize no --loglevel warning > "$redis_dir/log" 2>&1 &
+  redis_pid=$!
+  REDIS_BASE=redis://127.0.0.1:$redis_port/0
+  for _ in $(seq 100); do
+    "$PY" "$HELPERS/brokers.py" answers "$REDIS_BASE" 2>/dev/null && break
+    sleep 0.1
+  done
+  CONFORMANCE_REDIS_DBS=${CONFORMANCE_REDIS_DBS:-0,0,0}
+else
+  REDIS_BASE=$(first_answering "${REDIS_URL:-}" redis://127.0.0.1:6379/0)
+fi
 VHOST=${CONFORMANCE_VHOST:-celery-conformance}
 # Redis DBs: the rabbitmq layout's backend, the redis layout's broker and its backend.
 IFS=, read -r DB_AMQP_BACKEND DB_REDIS_BROKER DB_REDIS_BACKEND <<< "${CONFORMANCE_REDIS_DBS:-13,14,15}"
@@ -115,7 +161,6 @@ export REDIS_HOST REDIS_PORT
 
 redis_db_url() { "$PY" "$HELPERS/brokers.py" redis-db "$REDIS_BASE" "$1"; }
 
-vhost_mode=""   # rabbitmqctl | api | none
 reset_vhost() {
   # Drop and re-create the vhost: no message or queue of an earlier run survives.
   case "$vhost_mode" in
@@ -127,6 +172,7 @@ reset_vhost() {
     *) "$PY" "$HELPERS/brokers.py" purge "$AMQP_BASE" ;;
   esac
 }
+
 
 declare -A BROKER BACKEND DBS
 IFS=, read -r -a layout_list <<< "$layouts"
@@ -180,6 +226,9 @@ reset_layout() {
 }
 
 # ---------------------------------------------------------------- runs
+# celery.contrib.testing's session worker logs at "error" by default; test_trace_log_arguments
+# reads the worker's INFO records, so under that default it fails on every pool.
+export WORKER_LOGLEVEL=${WORKER_LOGLEVEL:-info}
 out=${out:-$CACHE/results/$(date -u +%Y%m%dT%H%M%SZ)$([ "$fast" = 1 ] && echo -fast)}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)

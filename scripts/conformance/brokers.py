@@ -7,6 +7,7 @@
     brokers.py amqp-user URL                print the URL's user name
     brokers.py api-available URL            exit 0 when RabbitMQ's management API answers on loopback
     brokers.py reset-vhost-api URL VHOST    delete and re-create VHOST through that API
+    brokers.py delete-vhost-api URL VHOST   delete VHOST through that API
     brokers.py purge URL                    empty Celery's default queue (when no vhost can be made)
 """
 
@@ -105,6 +106,10 @@ def reset_vhost_api(url: str, vhost: str) -> None:
         raise RuntimeError(f"granting vhost {vhost!r} to {amqp_user(url)} gave HTTP {status}")
 
 
+def delete_vhost_api(url: str, vhost: str) -> None:
+    _api(url, "DELETE", f"vhosts/{quote(vhost, safe='')}")
+
+
 def purge(url: str) -> None:
     from kombu import Connection
 
@@ -134,6 +139,8 @@ def main(argv: list[str]) -> int:
         return 0 if api_available(args[0]) else 1
     elif command == "reset-vhost-api":
         reset_vhost_api(args[0], args[1])
+    elif command == "delete-vhost-api":
+        delete_vhost_api(args[0], args[1])
     elif command == "purge":
         purge(args[0])
     else:
